@@ -95,7 +95,11 @@ class MPISNet(nn.Module):
         return fire
 
     def explicit_rates(self, x: Tensor, masks: Values | None = None, calibrate: bool = False) -> Values:
-        """Rates of the stem (run once; its output is the input injection of stream 1)."""
+        """Rates of the stem (run once; its output is the input injection of stream 1).
+
+        A frame sequence (B, frames, C, H, W) drives the rate form with its mean current."""
+        if x.dim() == 5:
+            x = x.mean(dim=1)
         return self._walk(self.explicit_nodes, {"input": x}, {}, self.rate_fire(masks or {}), calibrate)
 
     def loop_step(self, state: Values, explicit: Values, masks: Values | None = None, calibrate: bool = False) -> Values:
@@ -125,9 +129,15 @@ class MPISNet(nn.Module):
 
     @torch.no_grad()
     def simulate(self, x: Tensor, steps: int, v_init: float = 0.0, masks: Values | None = None) -> SpikeRecord:
-        """T-step integrate-and-fire simulation (reset by subtraction) with the image as constant current."""
+        """T-step integrate-and-fire simulation (reset by subtraction) with the image as constant current.
+
+        A frame sequence (B, frames, C, H, W) is played over the T steps instead (frame t·frames//T)."""
         masks = masks or {}
-        constant = self._walk(self.constant_nodes, {"input": x}, {}, self.rate_fire({}), False)
+        frames = x.shape[1] if x.dim() == 5 else 0
+        batch = x.shape[0]
+        no_fire = self.rate_fire({})
+        if not frames:
+            constant = self._walk(self.constant_nodes, {"input": x}, {}, no_fire, False)
         membranes: dict[str, IFState] = {}
 
         def fire(name: str, current: Tensor) -> Tensor:
@@ -140,10 +150,13 @@ class MPISNet(nn.Module):
             spikes, membranes[name] = if_step(current, state, self.vth)
             return spikes
 
-        previous = self.zero_state(x.shape[0], x.device, x.dtype)
+        previous = self.zero_state(batch, x.device, x.dtype)
         sums = {name: torch.zeros_like(v) for name, v in previous.items()}
-        counts = {n.name: torch.zeros(x.shape[0], *n.shape, device=x.device, dtype=x.dtype) for n in self.neurons}
-        for _ in range(steps):
+        counts = {n.name: torch.zeros(batch, *n.shape, device=x.device, dtype=x.dtype) for n in self.neurons}
+        for t in range(steps):
+            if frames:
+                frame = x[:, t * frames // steps]
+                constant = self._walk(self.constant_nodes, {"input": frame}, {}, no_fire, False)
             values = self._walk(self.step_nodes, dict(constant), previous, fire, False)
             previous = {name: values[name] for name in self.graph.state}
             for name in sums:

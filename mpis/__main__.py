@@ -1,0 +1,5 @@
+import sys
+
+from mpis.cli import main
+
+sys.exit(main())

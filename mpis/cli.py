@@ -1,0 +1,80 @@
+"""The `mpis` command line. Flags come from the config dataclasses; every user error is one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+from mpis.config import CONFIG_CLASSES, ModelConfig, SolverConfig, TrainConfig
+from mpis.errors import MpisError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as a single line and exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _flag_type(annotation: str):
+    return {"int": int, "float": float}.get(annotation.split("|")[0].strip(), str)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for cls in CONFIG_CLASSES:
+        group = parser.add_argument_group(cls.__name__)
+        for f in fields(cls):
+            flag = "--T" if f.name == "T" else "--" + f.name.replace("_", "-")
+            group.add_argument(
+                flag,
+                dest=f.name,
+                type=_flag_type(str(f.type)),
+                default=f.default,
+                choices=f.metadata.get("choices"),
+                help=f"{f.metadata['help']} (default: {f.default})",
+            )
+
+
+def _configs(args: argparse.Namespace) -> tuple[ModelConfig, SolverConfig, TrainConfig]:
+    return tuple(cls(**{f.name: getattr(args, f.name) for f in fields(cls)}) for cls in CONFIG_CLASSES)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mpis.train.loop import train
+
+    model_cfg, solver_cfg, train_cfg = _configs(args)
+    metrics = train(model_cfg, solver_cfg, train_cfg, Path(args.out), args.overwrite, progress=not args.quiet)
+    print(f"test accuracy {metrics['test_acc']:.4f}; checkpoint {Path(args.out) / 'model.pt'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mpis", description="Train MPIS equilibrium spiking networks and export them.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = commands.add_parser("train", help="train a network on a dataset and write DIR/model.pt")
+    train.add_argument("--out", required=True, help="run folder for model.pt and metrics.jsonl")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    _add_config_flags(train)
+    train.set_defaults(run=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except MpisError as err:
+        print(f"mpis: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mpis: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

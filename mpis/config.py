@@ -1,0 +1,97 @@
+"""Every default in one place. The CLI generates its flags from these dataclasses, and a checkpoint
+stores them, so later commands (export, check) rebuild exactly the trained model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from mpis.errors import MpisError
+
+FORWARD_MODES = ("spike", "rate")
+GRAD_MODES = ("ift", "phantom")
+SOLVERS = ("fixed_point_iter", "anderson", "broyden")
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _opt("16C3S1-2F1*(32C3S2-48C3S1)-FC10", "architecture in the paper's notation")
+    vth: float = _opt(1.0, "firing threshold Vth of every neuron")
+    v_init: float = _opt(0.0, "initial membrane potential of the spiking forward")
+    dropout: float = _opt(0.05, "variational dropout rate (one channel mask per sample and solve)")
+    upsample: str = _opt("transpose", "up-sampling fusion module", ("transpose", "nearest"))
+
+    def validate(self) -> None:
+        if not self.vth > 0:
+            raise MpisError(f"--vth must be > 0, got {self.vth}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MpisError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class SolverConfig:
+    forward: str = _opt("spike", "forward solve: T-step IF simulation, or DBReLU fixed point", FORWARD_MODES)
+    T: int = _opt(30, "simulation steps (spike) / maximum solver iterations (rate)")
+    solver: str = _opt("anderson", "fixed-point solver of the rate forward (TorchDEQ)", SOLVERS)
+    tol: float = _opt(1e-4, "relative residual at which the rate forward stops")
+    grad: str = _opt("ift", "implicit differentiation, or the cheaper phantom gradient", GRAD_MODES)
+    b_solver: str = _opt("fixed_point_iter", "solver of the adjoint linear system (TorchDEQ)", SOLVERS)
+    b_max_iter: int = _opt(20, "maximum iterations of the adjoint solve")
+    b_tol: float = _opt(1e-5, "residual at which the adjoint solve stops")
+    phantom_steps: int = _opt(5, "unrolled steps of the phantom gradient")
+    phantom_tau: float = _opt(0.8, "damping of the phantom gradient steps")
+
+    def validate(self) -> None:
+        for name in ("T", "b_max_iter", "phantom_steps"):
+            if getattr(self, name) < 1:
+                raise MpisError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.phantom_tau <= 1.0:
+            raise MpisError(f"--phantom-tau must be in (0, 1], got {self.phantom_tau}")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = _opt("digits", "dataset name")
+    data_dir: str | None = _opt(None, "folder with the dataset's standard files (not needed for digits)")
+    epochs: int = _opt(15, "training epochs")
+    batch_size: int = _opt(64, "batch size")
+    lr: float = _opt(2e-3, "peak learning rate (cosine schedule)")
+    optimizer: str = _opt("adamw", "optimizer", ("adamw", "sgd"))
+    weight_decay: float = _opt(1e-4, "weight decay (not applied to BN and biases)")
+    seed: int = _opt(0, "random seed (same seed, same result on CPU)")
+    device: str = _opt("auto", "torch device: auto (CUDA when available), cpu, cuda, cuda:1, ...")
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise MpisError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise MpisError(f"--lr must be > 0, got {self.lr}")
+
+
+CONFIG_CLASSES = (ModelConfig, SolverConfig, TrainConfig)
+
+
+def check_choices(config: Any) -> None:
+    for f in fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices and value not in choices:
+            raise MpisError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
+    config.validate()
+
+
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a config from a checkpoint; unknown keys are an error, not silently dropped."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise MpisError(f"unknown {cls.__name__} keys in checkpoint: {', '.join(sorted(unknown))}")
+    return cls(**data)
+
+
+__all__ = ["ModelConfig", "SolverConfig", "TrainConfig", "CONFIG_CLASSES", "asdict", "check_choices", "config_from_dict"]

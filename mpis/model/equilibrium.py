@@ -1,0 +1,109 @@
+"""The MPIS equilibrium core: solve for the fixed point without autograd, then differentiate one step.
+
+Forward (no graph kept, so memory does not grow with T):
+  - `spike`: T-step IF simulation; the fixed point is the time-mean of the stream outputs (the paper);
+  - `rate`: a TorchDEQ solver (fixed-point iteration, Anderson, Broyden) on the DBReLU map.
+Backward, from one differentiable application of f at the fixed point r*:
+  - `ift`: implicit differentiation (TorchDEQ's IFT functor solves g = J_f(r*)^T g + dL/dr);
+  - `phantom`: a few damped unrolled steps from r* (TorchDEQ's phantom gradient).
+TorchDEQ supplies the solvers and the gradient functors; the network and its state layout are ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchdeq.grad import backward_factory
+from torchdeq.solver import get_solver
+
+from mpis.config import SolverConfig
+from mpis.model.network import MPISNet, Values
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """How the per-stream state tensors are laid side by side in the flat (B, D) vector TorchDEQ solves."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    def pack(self, values: Values) -> Tensor:
+        return torch.cat([values[n].flatten(1) for n in self.names], dim=1)
+
+    def unpack(self, flat: Tensor) -> Values:
+        sizes = [int(torch.tensor(s).prod()) for s in self.shapes]
+        parts = torch.split(flat, sizes, dim=1)
+        return {n: p.reshape(flat.shape[0], *s) for n, p, s in zip(self.names, parts, self.shapes)}
+
+
+@dataclass
+class SolveInfo:
+    """Relative residual ‖f(r*) − r*‖ / ‖f(r*)‖ per sample, and the forward iterations used."""
+
+    residual: Tensor
+    steps: int
+
+
+class EquilibriumModel(nn.Module):
+    """An MPISNet trained as an equilibrium model; `forward(x)` returns logits and solve statistics."""
+
+    def __init__(self, net: MPISNet, solver: SolverConfig, v_init: float = 0.0):
+        super().__init__()
+        self.net = net
+        self.solver = solver
+        self.v_init = v_init
+        self.layout = StateLayout(net.graph.state, tuple(net.graph.node(n).shape for n in net.graph.state))
+        if solver.grad == "ift":
+            self._gradient = backward_factory(
+                "ift",
+                b_solver=get_solver(solver.b_solver),
+                b_solver_kwargs={"max_iter": solver.b_max_iter, "tol": solver.b_tol, "stop_mode": "rel"},
+            )
+        else:
+            self._gradient = backward_factory(solver.phantom_steps, tau=solver.phantom_tau)
+
+    @torch.no_grad()
+    def solve(self, x: Tensor, masks: Values) -> tuple[Values, int]:
+        """The fixed point of the stream outputs, computed without an autograd graph."""
+        if self.solver.forward == "spike":
+            return self.net.simulate(x, self.solver.T, self.v_init, masks).state_rates, self.solver.T
+        explicit = self.net.explicit_rates(x, masks)
+        func = self._map(explicit, masks)
+        z0 = self.layout.pack(self.net.zero_state(x.shape[0], x.device, x.dtype))
+        z, _, info = get_solver(self.solver.solver)(
+            func, z0, max_iter=self.solver.T, tol=self.solver.tol, stop_mode="rel"
+        )
+        return self.layout.unpack(z), int(info["nstep"].max())
+
+    def _map(self, explicit: Values, masks: Values):
+        layout, net = self.layout, self.net
+
+        def func(z: Tensor, tau: float = 1.0) -> Tensor:
+            step = layout.pack(net.loop_step(layout.unpack(z), explicit, masks))
+            return step if tau == 1.0 else tau * step + (1.0 - tau) * z
+
+        return func
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor, state: Values, masks: Values) -> None:
+        """Update BN running statistics from the pre-activations at the fixed point (training only)."""
+        explicit = self.net.explicit_rates(x, masks, calibrate=True)
+        self.net.loop_step(state, explicit, masks, calibrate=True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, SolveInfo]:
+        masks = self.net.sample_dropout_masks(x.shape[0], x.device)
+        state, steps = self.solve(x, masks)
+        if self.training:
+            self.calibrate(x, state, masks)
+        explicit = self.net.explicit_rates(x, masks)
+        func = self._map(explicit, masks)
+        z_star = self.layout.pack(state).detach()
+        if torch.is_grad_enabled() and self.training:
+            z_out = self._gradient(self, func, z_star)[-1]
+        else:
+            z_out = func(z_star)
+        with torch.no_grad():
+            residual = (z_out - z_star).norm(dim=1) / (z_out.norm(dim=1) + 1e-9)
+        return self.net.classify(self.layout.unpack(z_out)), SolveInfo(residual, steps)

@@ -1,0 +1,94 @@
+"""Checkpoints hold the weights and every config, so later commands need nothing else.
+
+Written atomically (temporary file in the same folder, then rename) and read with
+`torch.load(weights_only=True)`: only tensors and plain Python values, no pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpis.config import ModelConfig, SolverConfig, TrainConfig, config_from_dict
+from mpis.errors import MpisError
+from mpis.model.equilibrium import EquilibriumModel
+from mpis.model.network import MPISNet
+
+FORMAT = "mpis-checkpoint"
+VERSION = 1
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)`, then rename over `path`; on failure the target is left untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    path: Path,
+    model: EquilibriumModel,
+    model_cfg: ModelConfig,
+    solver_cfg: SolverConfig,
+    train_cfg: TrainConfig,
+    metrics: dict[str, Any],
+) -> None:
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": asdict(model_cfg),
+        "solver": asdict(solver_cfg),
+        "train": asdict(train_cfg),
+        "input_shape": list(model.net.input_shape),
+        "metrics": metrics,
+        "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+class Checkpoint:
+    """A loaded checkpoint: configs, input shape and the rebuilt model (on CPU, eval mode)."""
+
+    def __init__(self, payload: dict[str, Any], path: Path):
+        self.path = path
+        self.model_cfg: ModelConfig = config_from_dict(ModelConfig, payload["model"])
+        self.solver_cfg: SolverConfig = config_from_dict(SolverConfig, payload["solver"])
+        self.train_cfg: TrainConfig = config_from_dict(TrainConfig, payload["train"])
+        self.input_shape = tuple(int(v) for v in payload["input_shape"])
+        self.metrics: dict[str, Any] = payload.get("metrics", {})
+        net = MPISNet(self.model_cfg.arch, self.input_shape, self.model_cfg.vth, self.model_cfg.dropout,
+                      self.model_cfg.upsample)
+        try:
+            net.load_state_dict(payload["state_dict"])
+        except RuntimeError as err:
+            raise MpisError(f"checkpoint {path} does not match its own architecture: {str(err).splitlines()[0]}") from None
+        self.model = EquilibriumModel(net, self.solver_cfg, self.model_cfg.v_init).eval()
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise MpisError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for damaged or foreign files
+        raise MpisError(f"{path} is not a readable mpis checkpoint ({type(err).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise MpisError(f"{path} is not an mpis checkpoint (no '{FORMAT}' marker)")
+    if payload.get("version") != VERSION:
+        raise MpisError(f"{path} has checkpoint version {payload.get('version')}; this mpis reads {VERSION}")
+    try:
+        return Checkpoint(payload, path)
+    except (KeyError, TypeError) as err:
+        raise MpisError(f"{path} is a damaged mpis checkpoint (missing or bad field {err})") from None

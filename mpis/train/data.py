@@ -1,0 +1,238 @@
+"""Dataset loaders that read the standard files from `--data-dir` (nothing is downloaded).
+
+- digits: scikit-learn's bundled 8×8 handwritten digits (needs no files), upscaled ×2 bilinearly to
+  16×16 so that both streams of the paper's nets keep a spatial extent; fixed stratified 80/20 split.
+- mnist / fashion-mnist: the four IDX files (raw or .gz), in DIR, DIR/<name>/ or DIR/<Name>/raw/.
+- cifar10 / cifar100: the python pickle batches (cifar-10-batches-py/, cifar-100-python/).
+- nmnist: the original binary event files (Train/<digit>/*.bin, Test/<digit>/*.bin), 34×34, two
+  polarities, binned into T frames at load time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, TensorDataset
+
+from mpis.errors import MpisError
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "nmnist")
+
+
+@dataclass
+class DataSplit:
+    """Train and test sets, the shape of one input (C, H, W), the class count, and train-time augmentation."""
+
+    train: Dataset
+    test: Dataset
+    input_shape: tuple[int, int, int]
+    classes: int
+    augment: Callable[[Tensor], Tensor] | None = None
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, frames: int = 30) -> DataSplit:
+    if name not in DATASETS:
+        raise MpisError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "digits":
+        return _digits()
+    if data_dir is None:
+        raise MpisError(f"dataset {name!r} reads its standard files: pass --data-dir DIR")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise MpisError(f"--data-dir {root} is not a folder")
+    if name in ("mnist", "fashion-mnist"):
+        return _idx_dataset(root, name)
+    if name in ("cifar10", "cifar100"):
+        return _cifar(root, name)
+    return _nmnist(root, frames)
+
+
+def _digits() -> DataSplit:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    images = F.interpolate(images, scale_factor=2, mode="bilinear", align_corners=False).clamp(0, 1)
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=0.2, random_state=0, stratify=digits.target
+    )
+    return DataSplit(
+        TensorDataset(images[train_idx], labels[train_idx]),
+        TensorDataset(images[test_idx], labels[test_idx]),
+        (1, 16, 16),
+        10,
+    )
+
+
+# ---- IDX (MNIST, Fashion-MNIST) ---------------------------------------------------------------
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_SUBDIRS = {"mnist": ("mnist", "MNIST", "MNIST/raw"), "fashion-mnist": ("fashion-mnist", "FashionMNIST", "FashionMNIST/raw")}
+
+
+def _find(root: Path, subdirs: tuple[str, ...], stem: str, suffixes: tuple[str, ...] = ("", ".gz")) -> Path:
+    for folder in (root, *(root / s for s in subdirs)):
+        for suffix in suffixes:
+            path = folder / (stem + suffix)
+            if path.is_file():
+                return path
+    raise MpisError(f"missing file {stem}{suffixes[-1] if len(suffixes) > 1 else ''} (or {stem}) in {root}")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (unsigned-byte data, any rank), raw or gzip-compressed."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise MpisError(f"corrupt file {path}: {err}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise MpisError(f"corrupt file {path}: not an unsigned-byte IDX file")
+    rank = raw[3]
+    header = 4 + 4 * rank
+    if len(raw) < header:
+        raise MpisError(f"corrupt file {path}: truncated header")
+    dims = struct.unpack(f">{rank}I", raw[4:header])
+    count = int(np.prod(dims))
+    if len(raw) != header + count:
+        raise MpisError(f"corrupt file {path}: expected {count} bytes of data for shape {dims}, found {len(raw) - header}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _idx_dataset(root: Path, name: str) -> DataSplit:
+    parts = []
+    for split in ("train", "test"):
+        image_stem, label_stem = _IDX_FILES[split]
+        image_path = _find(root, _IDX_SUBDIRS[name], image_stem)
+        label_path = _find(root, _IDX_SUBDIRS[name], label_stem)
+        images, labels = read_idx(image_path), read_idx(label_path)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise MpisError(f"corrupt files {image_path} / {label_path}: {images.shape} images, {labels.shape} labels")
+        if labels.max(initial=0) > 9:
+            raise MpisError(f"corrupt file {label_path}: label {labels.max()} outside 0-9")
+        x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
+        parts.append(TensorDataset(x, torch.from_numpy(labels.astype(np.int64))))
+    return DataSplit(parts[0], parts[1], tuple(parts[0].tensors[0].shape[1:]), 10)
+
+
+# ---- CIFAR (python pickle batches) ------------------------------------------------------------
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
+}
+_CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465])[:, None, None]
+_CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616])[:, None, None]
+
+
+def _read_cifar_batch(path: Path, label_key: bytes, classes: int) -> tuple[Tensor, Tensor]:
+    if not path.is_file():
+        raise MpisError(f"missing file {path}")
+    try:
+        with path.open("rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except Exception as err:  # unpickling a damaged file can raise almost anything
+        raise MpisError(f"corrupt file {path}: {type(err).__name__}: {err}") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise MpisError(f"corrupt file {path}: data {data.shape}, labels {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise MpisError(f"corrupt file {path}: labels outside 0-{classes - 1}")
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
+    return (images - _CIFAR_MEAN) / _CIFAR_STD, torch.from_numpy(labels)
+
+
+def _cifar(root: Path, name: str) -> DataSplit:
+    folder, train_files, test_files, label_key, classes = _CIFAR[name]
+    base = root / folder if (root / folder).is_dir() else root
+    splits = []
+    for files in (train_files, test_files):
+        pieces = [_read_cifar_batch(base / f, label_key, classes) for f in files]
+        splits.append(TensorDataset(torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])))
+    return DataSplit(splits[0], splits[1], (3, 32, 32), classes, augment=crop_flip)
+
+
+def crop_flip(images: Tensor) -> Tensor:
+    """The usual CIFAR augmentation: random 32×32 crop of the 4-padded image and random h-flip."""
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (batch,))
+    dx = torch.randint(0, 9, (batch,))
+    rows = (dy[:, None] + torch.arange(height))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(width))[:, None, None, :]
+    out = padded[torch.arange(batch)[:, None, None, None], torch.arange(images.shape[1])[None, :, None, None], rows, cols]
+    flip = torch.rand(batch) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+# ---- N-MNIST (binary event files) ------------------------------------------------------------
+NMNIST_SIZE = 34
+
+
+def read_nmnist_events(path: Path) -> np.ndarray:
+    """Events of one N-MNIST .bin file as rows (x, y, polarity, timestamp µs); 5 bytes per event."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size % 5:
+        raise MpisError(f"corrupt file {path}: {raw.size} bytes is not a whole number of 5-byte events")
+    ev = raw.reshape(-1, 5).astype(np.int64)
+    x, y = ev[:, 0], ev[:, 1]
+    polarity = ev[:, 2] >> 7
+    timestamp = ((ev[:, 2] & 127) << 16) | (ev[:, 3] << 8) | ev[:, 4]
+    if (x >= NMNIST_SIZE).any() or (y >= NMNIST_SIZE).any():
+        raise MpisError(f"corrupt file {path}: event address outside the 34×34 sensor")
+    return np.stack([x, y, polarity, timestamp], axis=1)
+
+
+def bin_events(events: np.ndarray, frames: int) -> Tensor:
+    """Event counts in `frames` equal time bins: (frames, 2 polarities, 34, 34)."""
+    out = torch.zeros(frames, 2, NMNIST_SIZE, NMNIST_SIZE)
+    if len(events) == 0:
+        return out
+    t = events[:, 3] - events[:, 3].min()
+    span = max(int(t.max()) + 1, 1)
+    index = np.minimum(t * frames // span, frames - 1)
+    flat = ((index * 2 + events[:, 2]) * NMNIST_SIZE + events[:, 1]) * NMNIST_SIZE + events[:, 0]
+    counts = np.bincount(flat, minlength=out.numel())
+    return torch.from_numpy(counts.astype(np.float32)).reshape(out.shape)
+
+
+class NMNIST(Dataset):
+    """Reads and bins one sample per access (the whole set binned at T=30 would need >4 GB)."""
+
+    def __init__(self, files: list[tuple[Path, int]], frames: int):
+        self.files = files
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.files[index]
+        return bin_events(read_nmnist_events(path), self.frames), label
+
+
+def _nmnist(root: Path, frames: int) -> DataSplit:
+    base = root / "N-MNIST" if (root / "N-MNIST").is_dir() else root
+    splits = []
+    for split in ("Train", "Test"):
+        folder = base / split
+        if not folder.is_dir():
+            raise MpisError(f"missing folder {folder} (N-MNIST expects {split}/<digit>/*.bin)")
+        files = [(p, int(p.parent.name)) for p in sorted(folder.glob("[0-9]/*.bin"))]
+        if not files:
+            raise MpisError(f"missing files: no {split}/<digit>/*.bin event files under {base}")
+        splits.append(NMNIST(files, frames))
+    return DataSplit(splits[0], splits[1], (2, NMNIST_SIZE, NMNIST_SIZE), 10)
