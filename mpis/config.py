@@ -38,7 +38,9 @@ class SolverConfig:
     T: int = _opt(30, "simulation steps (spike) / maximum solver iterations (rate)")
     solver: str = _opt("anderson", "fixed-point solver of the rate forward (TorchDEQ)", SOLVERS)
     tol: float = _opt(1e-4, "relative residual at which the rate forward stops")
-    grad: str = _opt("ift", "implicit differentiation, or the cheaper phantom gradient", GRAD_MODES)
+    grad: str = _opt(
+        "phantom", "phantom gradient (damped unrolled steps at r*), or implicit differentiation", GRAD_MODES
+    )
     b_solver: str = _opt("fixed_point_iter", "solver of the adjoint linear system (TorchDEQ)", SOLVERS)
     b_max_iter: int = _opt(20, "maximum iterations of the adjoint solve")
     b_tol: float = _opt(1e-5, "residual at which the adjoint solve stops")
@@ -94,4 +96,12 @@ def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**data)
 
 
-__all__ = ["ModelConfig", "SolverConfig", "TrainConfig", "CONFIG_CLASSES", "asdict", "check_choices", "config_from_dict"]
+__all__ = [
+    "ModelConfig",
+    "SolverConfig",
+    "TrainConfig",
+    "CONFIG_CLASSES",
+    "asdict",
+    "check_choices",
+    "config_from_dict",
+]

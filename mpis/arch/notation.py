@@ -93,7 +93,7 @@ class _Parser:
             self.pos += 1
         if start == self.pos:
             raise self.fail(f"expected {what} (a whole number), {self.found()}")
-        value = int(self.text[start:self.pos])
+        value = int(self.text[start : self.pos])
         if value < 1:
             raise self.fail(f"{what} must be at least 1, got {value}", start)
         return value, start

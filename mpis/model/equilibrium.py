@@ -19,7 +19,7 @@ from torchdeq.grad import backward_factory
 from torchdeq.solver import get_solver
 
 from mpis.config import SolverConfig
-from mpis.model.network import MPISNet, Values
+from mpis.model.network import BNMode, MPISNet, Values
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class StateLayout:
     def unpack(self, flat: Tensor) -> Values:
         sizes = [int(torch.tensor(s).prod()) for s in self.shapes]
         parts = torch.split(flat, sizes, dim=1)
-        return {n: p.reshape(flat.shape[0], *s) for n, p, s in zip(self.names, parts, self.shapes)}
+        return {n: p.reshape(flat.shape[0], *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
 
 
 @dataclass
@@ -70,18 +70,18 @@ class EquilibriumModel(nn.Module):
         if self.solver.forward == "spike":
             return self.net.simulate(x, self.solver.T, self.v_init, masks).state_rates, self.solver.T
         explicit = self.net.explicit_rates(x, masks)
-        func = self._map(explicit, masks)
+        func = self._map(explicit, masks, "running")
         z0 = self.layout.pack(self.net.zero_state(x.shape[0], x.device, x.dtype))
         z, _, info = get_solver(self.solver.solver)(
             func, z0, max_iter=self.solver.T, tol=self.solver.tol, stop_mode="rel"
         )
         return self.layout.unpack(z), int(info["nstep"].max())
 
-    def _map(self, explicit: Values, masks: Values):
+    def _map(self, explicit: Values, masks: Values, bn: BNMode):
         layout, net = self.layout, self.net
 
         def func(z: Tensor, tau: float = 1.0) -> Tensor:
-            step = layout.pack(net.loop_step(layout.unpack(z), explicit, masks))
+            step = layout.pack(net.loop_step(layout.unpack(z), explicit, masks, bn))
             return step if tau == 1.0 else tau * step + (1.0 - tau) * z
 
         return func
@@ -89,18 +89,19 @@ class EquilibriumModel(nn.Module):
     @torch.no_grad()
     def calibrate(self, x: Tensor, state: Values, masks: Values) -> None:
         """Update BN running statistics from the pre-activations at the fixed point (training only)."""
-        explicit = self.net.explicit_rates(x, masks, calibrate=True)
-        self.net.loop_step(state, explicit, masks, calibrate=True)
+        explicit = self.net.explicit_rates(x, masks, "calibrate")
+        self.net.loop_step(state, explicit, masks, "calibrate")
 
     def forward(self, x: Tensor) -> tuple[Tensor, SolveInfo]:
         masks = self.net.sample_dropout_masks(x.shape[0], x.device)
         state, steps = self.solve(x, masks)
         if self.training:
             self.calibrate(x, state, masks)
-        explicit = self.net.explicit_rates(x, masks)
-        func = self._map(explicit, masks)
+        bn: BNMode = "batch" if self.training else "running"
+        explicit = self.net.explicit_rates(x, masks, bn)
+        func = self._map(explicit, masks, bn)
         z_star = self.layout.pack(state).detach()
-        if torch.is_grad_enabled() and self.training:
+        if torch.is_grad_enabled():
             z_out = self._gradient(self, func, z_star)[-1]
         else:
             z_out = func(z_star)

@@ -13,13 +13,13 @@ def down_size(size: int, stride: int) -> int:
 
 
 class ConvBN(nn.Module):
-    """Conv (no bias) followed by BatchNorm whose statistics are constants inside the equilibrium map.
+    """Conv (no bias) followed by BatchNorm, with the statistics chosen explicitly by the caller.
 
-    Batch statistics that change with every solver iteration would make the fixed-point map depend on
-    the batch and differ between training, the spiking simulation and deployment. Here BN always
-    normalises with its running statistics; `calibrate` updates them (no gradient) from the
-    pre-activations at the fixed point once per training step. So f is one per-sample map that the
-    rate solver, the spike simulation, ONNX and NIR all share, and BN folds exactly into the conv.
+    The forward solve (spiking or rate) normalises with the running statistics: it is then the very
+    network that is deployed, one per-sample map whose BN folds exactly into the conv. The one
+    differentiable step at the fixed point uses batch statistics, so gradients flow through them as in
+    ordinary BN training (measured on digits: 95 % vs 89 % after 5 epochs with frozen statistics).
+    `calibrate` moves the running statistics towards the fixed point's batch statistics.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int):
@@ -27,8 +27,12 @@ class ConvBN(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding=kernel // 2, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._normalise(self.conv(x))
+    def forward(self, x: Tensor, batch_stats: bool = False) -> Tensor:
+        y = self.conv(x)
+        if batch_stats:
+            bn = self.bn
+            return F.batch_norm(y, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        return self._normalise(y)
 
     def _normalise(self, y: Tensor) -> Tensor:
         bn = self.bn
@@ -83,7 +87,7 @@ def upsampler(
     if factor == 1:
         return nn.Conv2d(in_channels, out_channels, 3, 1, padding=1)
     kernel, padding = 2 * factor - 1, factor - 1
-    extra = tuple(d - ((s - 1) * factor - 2 * padding + kernel) for s, d in zip(src, dst))
+    extra = tuple(d - ((s - 1) * factor - 2 * padding + kernel) for s, d in zip(src, dst, strict=True))
     return nn.ConvTranspose2d(in_channels, out_channels, kernel, factor, padding, output_padding=extra)
 
 

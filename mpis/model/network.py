@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,7 @@ from mpis.model.neurons import IFState, dbrelu, if_initial_state, if_step
 
 Fire = Callable[[str, Tensor], Tensor]
 Values = dict[str, Tensor]
+BNMode = Literal["running", "batch", "calibrate"]
 
 
 def _depends_on(nodes: Iterable[Node], seeds: set[str], through_delayed: bool) -> set[str]:
@@ -68,7 +70,8 @@ class MPISNet(nn.Module):
         self.neurons = tuple(n for n in nodes if n.kind == "neuron")
 
     # ---- walking the graph -------------------------------------------------------------------
-    def _walk(self, nodes: Iterable[Node], values: Values, delayed: Values, fire: Fire, calibrate: bool) -> Values:
+    def _walk(self, nodes: Iterable[Node], values: Values, delayed: Values, fire: Fire, bn: BNMode) -> Values:
+        """Evaluate `nodes` in order; BN uses running statistics, batch statistics, or calibrates."""
         for node in nodes:
             total = None
             for source in node.inputs:
@@ -79,8 +82,10 @@ class MPISNet(nn.Module):
                 values[node.name] = fire(node.name, total)
             elif node.kind == "sum":
                 values[node.name] = total
-            elif calibrate and node.kind == "conv":
+            elif node.kind == "conv" and bn == "calibrate":
                 values[node.name] = self.ops[node.name].calibrate(total)
+            elif node.kind == "conv":
+                values[node.name] = self.ops[node.name](total, bn == "batch")
             else:
                 values[node.name] = self.ops[node.name](total)
         return values
@@ -94,17 +99,17 @@ class MPISNet(nn.Module):
 
         return fire
 
-    def explicit_rates(self, x: Tensor, masks: Values | None = None, calibrate: bool = False) -> Values:
+    def explicit_rates(self, x: Tensor, masks: Values | None = None, bn: BNMode = "running") -> Values:
         """Rates of the stem (run once; its output is the input injection of stream 1).
 
         A frame sequence (B, frames, C, H, W) drives the rate form with its mean current."""
         if x.dim() == 5:
             x = x.mean(dim=1)
-        return self._walk(self.explicit_nodes, {"input": x}, {}, self.rate_fire(masks or {}), calibrate)
+        return self._walk(self.explicit_nodes, {"input": x}, {}, self.rate_fire(masks or {}), bn)
 
-    def loop_step(self, state: Values, explicit: Values, masks: Values | None = None, calibrate: bool = False) -> Values:
+    def loop_step(self, state: Values, explicit: Values, masks: Values | None = None, bn: BNMode = "running") -> Values:
         """One application of the equilibrium map f: stream outputs s^t -> s^{t+1} (paper Eq. 6)."""
-        values = self._walk(self.loop_nodes, dict(explicit), state, self.rate_fire(masks or {}), calibrate)
+        values = self._walk(self.loop_nodes, dict(explicit), state, self.rate_fire(masks or {}), bn)
         return {name: values[name] for name in self.graph.state}
 
     def classify(self, state: Values) -> Tensor:
@@ -123,8 +128,7 @@ class MPISNet(nn.Module):
             return {}
         keep = 1.0 - self.dropout
         return {
-            n.name: torch.empty(batch, n.shape[0], 1, 1, device=device).bernoulli_(keep) / keep
-            for n in self.neurons
+            n.name: torch.empty(batch, n.shape[0], 1, 1, device=device).bernoulli_(keep) / keep for n in self.neurons
         }
 
     @torch.no_grad()
@@ -137,7 +141,7 @@ class MPISNet(nn.Module):
         batch = x.shape[0]
         no_fire = self.rate_fire({})
         if not frames:
-            constant = self._walk(self.constant_nodes, {"input": x}, {}, no_fire, False)
+            constant = self._walk(self.constant_nodes, {"input": x}, {}, no_fire, "running")
         membranes: dict[str, IFState] = {}
 
         def fire(name: str, current: Tensor) -> Tensor:
@@ -156,8 +160,8 @@ class MPISNet(nn.Module):
         for t in range(steps):
             if frames:
                 frame = x[:, t * frames // steps]
-                constant = self._walk(self.constant_nodes, {"input": frame}, {}, no_fire, False)
-            values = self._walk(self.step_nodes, dict(constant), previous, fire, False)
+                constant = self._walk(self.constant_nodes, {"input": frame}, {}, no_fire, "running")
+            values = self._walk(self.step_nodes, dict(constant), previous, fire, "running")
             previous = {name: values[name] for name in self.graph.state}
             for name in sums:
                 sums[name] += previous[name]

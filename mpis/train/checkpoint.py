@@ -67,12 +67,15 @@ class Checkpoint:
         self.train_cfg: TrainConfig = config_from_dict(TrainConfig, payload["train"])
         self.input_shape = tuple(int(v) for v in payload["input_shape"])
         self.metrics: dict[str, Any] = payload.get("metrics", {})
-        net = MPISNet(self.model_cfg.arch, self.input_shape, self.model_cfg.vth, self.model_cfg.dropout,
-                      self.model_cfg.upsample)
+        net = MPISNet(
+            self.model_cfg.arch, self.input_shape, self.model_cfg.vth, self.model_cfg.dropout, self.model_cfg.upsample
+        )
         try:
             net.load_state_dict(payload["state_dict"])
         except RuntimeError as err:
-            raise MpisError(f"checkpoint {path} does not match its own architecture: {str(err).splitlines()[0]}") from None
+            raise MpisError(
+                f"checkpoint {path} does not match its own architecture: {str(err).splitlines()[0]}"
+            ) from None
         self.model = EquilibriumModel(net, self.solver_cfg, self.model_cfg.v_init).eval()
 
 

@@ -80,7 +80,10 @@ _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_IDX_SUBDIRS = {"mnist": ("mnist", "MNIST", "MNIST/raw"), "fashion-mnist": ("fashion-mnist", "FashionMNIST", "FashionMNIST/raw")}
+_IDX_SUBDIRS = {
+    "mnist": ("mnist", "MNIST", "MNIST/raw"),
+    "fashion-mnist": ("fashion-mnist", "FashionMNIST", "FashionMNIST/raw"),
+}
 
 
 def _find(root: Path, subdirs: tuple[str, ...], stem: str, suffixes: tuple[str, ...] = ("", ".gz")) -> Path:
@@ -107,7 +110,9 @@ def read_idx(path: Path) -> np.ndarray:
     dims = struct.unpack(f">{rank}I", raw[4:header])
     count = int(np.prod(dims))
     if len(raw) != header + count:
-        raise MpisError(f"corrupt file {path}: expected {count} bytes of data for shape {dims}, found {len(raw) - header}")
+        raise MpisError(
+            f"corrupt file {path}: expected {count} bytes of data for shape {dims}, found {len(raw) - header}"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -172,7 +177,9 @@ def crop_flip(images: Tensor) -> Tensor:
     dx = torch.randint(0, 9, (batch,))
     rows = (dy[:, None] + torch.arange(height))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(width))[:, None, None, :]
-    out = padded[torch.arange(batch)[:, None, None, None], torch.arange(images.shape[1])[None, :, None, None], rows, cols]
+    out = padded[
+        torch.arange(batch)[:, None, None, None], torch.arange(images.shape[1])[None, :, None, None], rows, cols
+    ]
     flip = torch.rand(batch) < 0.5
     out[flip] = out[flip].flip(-1)
     return out

@@ -83,7 +83,9 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
         raise MpisError(f"--out {out} exists and is not a folder")
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not overwrite:
-        raise MpisError(f"--out {out} already holds a run ({', '.join(existing)}); pick a new folder or pass --overwrite")
+        raise MpisError(
+            f"--out {out} already holds a run ({', '.join(existing)}); pick a new folder or pass --overwrite"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".mpis-write-test"
@@ -130,8 +132,14 @@ def train(
         start = time.perf_counter()
         loss_sum = correct = seen = 0
         residual_sum = 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{train_cfg.epochs}", disable=not progress,
-                   file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            train_loader,
+            desc=f"epoch {epoch}/{train_cfg.epochs}",
+            disable=not progress,
+            file=sys.stderr,
+            leave=False,
+            dynamic_ncols=True,
+        )
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             if data.augment is not None:
@@ -171,4 +179,3 @@ def train(
                 file=sys.stderr,
             )
     return metrics
-

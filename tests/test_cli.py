@@ -1,0 +1,85 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mpis.cli import main
+from mpis.errors import MpisError
+from mpis.train.checkpoint import load_checkpoint
+
+TINY = ["--arch", "4C3-2F1*(6C3S2-8C3)-FC10", "--T", "4", "--epochs", "1", "--batch-size", "128", "--quiet"]
+
+
+def train_tiny(out, *extra) -> int:
+    return main(["train", *TINY, "--out", str(out), *extra])
+
+
+def test_train_writes_metrics_and_a_checkpoint_that_rebuilds_the_model(tmp_path):
+    assert train_tiny(tmp_path / "run") == 0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    metrics = json.loads(lines[-1])
+    assert len(lines) == 1
+    assert set(metrics) >= {"loss", "train_acc", "test_acc", "seconds", "peak_memory_mb"}
+
+    ckpt = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert ckpt.model_cfg.arch == "4C3-2F1*(6C3S2-8C3)-FC10" and ckpt.solver_cfg.T == 4
+    assert ckpt.input_shape == (1, 16, 16)
+    x = torch.rand(5, 1, 16, 16)
+    with torch.no_grad():
+        logits, _ = ckpt.model(x)
+        again, _ = load_checkpoint(tmp_path / "run" / "model.pt").model(x)
+    assert logits.shape == (5, 10) and torch.equal(logits, again)
+
+
+def test_same_seed_gives_the_same_weights_on_cpu(tmp_path):
+    train_tiny(tmp_path / "a", "--device", "cpu")
+    train_tiny(tmp_path / "b", "--device", "cpu")
+    a = load_checkpoint(tmp_path / "a" / "model.pt").model.state_dict()
+    b = load_checkpoint(tmp_path / "b" / "model.pt").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_refuses_to_overwrite_an_earlier_run(tmp_path, capsys):
+    train_tiny(tmp_path / "run")
+    before = (tmp_path / "run" / "model.pt").read_bytes()
+    assert train_tiny(tmp_path / "run") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "run" / "model.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--arch", "16C3-2F5*(32C3S2)-FC10"], "fusion layer 5 > FEB depth 1"),
+        (["--arch", "4C3-1F1*(4C3)-FC7"], "FC7"),
+        (["--dataset", "imagenet"], "invalid choice"),
+        (["--dataset", "mnist"], "--data-dir"),
+        (["--T", "0"], "--T must be >= 1"),
+        (["--T", "ten"], "invalid int value"),
+        (["--lr", "-1"], "--lr must be > 0"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+        (["--bogus-flag"], "unrecognized arguments"),
+    ],
+)
+def test_bad_command_line_is_one_line_and_exit_2(tmp_path, args, words):
+    cmd = [sys.executable, "-m", "mpis", "train", "--out", str(tmp_path / "run"), "--epochs", "1", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], result.stderr
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x00garbage")
+    with pytest.raises(MpisError, match="not a readable mpis checkpoint"):
+        load_checkpoint(broken)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(MpisError, match="not an mpis checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(MpisError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")

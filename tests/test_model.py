@@ -1,0 +1,123 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import contractive_net
+
+from mpis.config import SolverConfig
+from mpis.model.equilibrium import EquilibriumModel
+from mpis.model.neurons import IFState, dbrelu, if_step
+
+
+def test_if_neuron_spike_train_for_constant_input():
+    state, spikes = IFState(torch.zeros(1)), []
+    for _ in range(9):
+        s, state = if_step(torch.tensor([0.375]), state, vth=1.0)
+        spikes.append(int(s))
+    # v: .375 .75 1.125* .5 .875 1.25* .625 1.0 (not > Vth) 1.375*
+    assert spikes == [0, 0, 1, 0, 0, 1, 0, 0, 1]
+    assert state.v.item() == pytest.approx(0.375)
+
+
+def test_initial_membrane_potential_shifts_first_spike():
+    state, spikes = IFState(torch.full((1,), 0.5)), []
+    for _ in range(4):
+        s, state = if_step(torch.tensor([0.375]), state, vth=1.0)
+        spikes.append(int(s))
+    assert spikes == [0, 1, 0, 0]
+
+
+def test_dbrelu_clamps_to_unit_interval():
+    assert dbrelu(torch.tensor([-1.0, 0.5, 1.0, 3.0]), vth=2.0).tolist() == [0.0, 0.25, 0.5, 1.0]
+
+
+def _rate_model(**solver) -> EquilibriumModel:
+    return EquilibriumModel(contractive_net(), SolverConfig(**solver)).eval()
+
+
+def test_rate_forward_reaches_a_fixed_point():
+    model = _rate_model(forward="rate", solver="anderson", T=100, tol=1e-7)
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        _, info = model(x)
+    assert info.residual.max() < 1e-4
+
+
+def test_spike_rates_approach_the_rate_fixed_point_as_T_grows():
+    model = _rate_model(forward="rate", solver="anderson", T=100, tol=1e-7)
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        fixed, _ = model.solve(x, {})
+        errors = []
+        for steps in (20, 400):
+            spiking = model.net.simulate(x, steps).state_rates
+            errors.append(max((spiking[k] - fixed[k]).abs().mean().item() for k in fixed))
+    assert errors[1] < errors[0] / 4
+    assert errors[1] < 0.01
+
+
+def _param_grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, allow_unused=True), params
+
+
+def test_implicit_gradient_matches_unrolled_to_convergence():
+    model = _rate_model(forward="rate", solver="anderson", T=200, tol=1e-9, b_max_iter=300, b_tol=1e-10)
+    net = model.net
+    x, y = torch.rand(3, 1, 8, 8), torch.tensor([1, 4, 7])
+
+    logits, _ = model(x)
+    implicit, params = _param_grads(model, F.cross_entropy(logits, y))
+
+    explicit = net.explicit_rates(x)
+    state = net.zero_state(3, x.device)
+    for _ in range(150):
+        state = net.loop_step(state, explicit)
+    unrolled, _ = _param_grads(model, F.cross_entropy(net.classify(state), y))
+
+    num = sum(((a - b) ** 2).sum() for a, b in zip(implicit, unrolled, strict=True) if a is not None)
+    den = sum((b**2).sum() for b in unrolled if b is not None)
+    assert (num / den).sqrt() < 1e-3
+
+
+def test_phantom_gradient_is_finite_and_points_downhill():
+    model = _rate_model(forward="spike", grad="phantom", T=20)
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    logits, _ = model(x)
+    loss = F.cross_entropy(logits, y)
+    grads, params = _param_grads(model, loss)
+    assert all(torch.isfinite(g).all() for g in grads if g is not None)
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                p -= 0.05 * g
+        assert F.cross_entropy(model(x)[0], y) < loss
+
+
+@pytest.mark.parametrize("forward", ["spike", "rate"])
+def test_memory_saved_for_backward_does_not_grow_with_T(forward):
+    def saved_bytes(steps: int) -> int:
+        model = EquilibriumModel(
+            contractive_net(), SolverConfig(forward=forward, T=steps, solver="fixed_point_iter", tol=0.0)
+        )
+        model.train()
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits, _ = model(torch.rand(4, 1, 8, 8))
+        return total
+
+    assert saved_bytes(5) == saved_bytes(60) > 0
+
+
+def test_frame_sequences_drive_the_spiking_form_frame_by_frame():
+    net = contractive_net()
+    frames = torch.rand(2, 4, 1, 8, 8)
+    with torch.no_grad():
+        played = net.simulate(frames, 4).spike_counts
+        held = net.simulate(frames[:, 0], 4).spike_counts
+    assert any(not torch.equal(played[k], held[k]) for k in played)
