@@ -51,6 +51,29 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _input_shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (three positive integers), got {text!r}")
+    return shape
+
+
+def _arch(args: argparse.Namespace) -> int:
+    from mpis.model.network import MPISNet
+
+    net = MPISNet(args.arch, args.input, upsample=args.upsample)
+    print(f"{net.arch}  input {','.join(map(str, args.input))}  upsample={args.upsample}")
+    for node in net.graph.nodes:
+        count = sum(p.numel() for p in net.ops[node.name].parameters()) if node.name in net.ops else 0
+        sources = ", ".join([*node.inputs, *(f"{d} (previous step)" for d in node.delayed)])
+        print(f"  {node.name:<12} {node.kind:<7} {'x'.join(map(str, node.shape)):<12} {count:>10,}  <- {sources}")
+    print(f"parameters: {sum(p.numel() for p in net.parameters()):,}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mpis", description="Train MPIS equilibrium spiking networks and export them.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -60,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     _add_config_flags(train)
     train.set_defaults(run=_train)
+
+    arch = commands.add_parser("arch", help="parse an architecture string and list its graph and parameter count")
+    arch.add_argument("arch", help="architecture in the paper's notation, e.g. '16C3S1-2F1*(32C3S2-48C3S1)-FC10'")
+    arch.add_argument("--input", type=_input_shape, default=(1, 28, 28), help="input shape C,H,W (default 1,28,28)")
+    arch.add_argument("--upsample", default="transpose", choices=("transpose", "nearest"))
+    arch.set_defaults(run=_arch)
     return parser
 
 

@@ -11,6 +11,7 @@ from mpis.errors import MpisError
 FORWARD_MODES = ("spike", "rate")
 GRAD_MODES = ("ift", "phantom")
 SOLVERS = ("fixed_point_iter", "anderson", "broyden")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "nmnist")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -57,7 +58,7 @@ class SolverConfig:
 
 @dataclass
 class TrainConfig:
-    dataset: str = _opt("digits", "dataset name")
+    dataset: str = _opt("digits", "dataset (digits is embedded; the others read --data-dir)", DATASETS)
     data_dir: str | None = _opt(None, "folder with the dataset's standard files (not needed for digits)")
     epochs: int = _opt(15, "training epochs")
     batch_size: int = _opt(64, "batch size")

@@ -83,3 +83,10 @@ def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
         load_checkpoint(foreign)
     with pytest.raises(MpisError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_arch_command_lists_the_graph_and_counts_parameters(capsys):
+    assert main(["arch", "16C3S1-2F1*(32C3S2-48C3S1)-FC10", "--input", "1,28,28"]) == 0
+    out = capsys.readouterr().out
+    assert "s1_trans" in out and "s2_l2 (previous step)" in out
+    assert out.strip().endswith("parameters: 93,242")

@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
+from mpis.config import DATASETS
 from mpis.errors import MpisError
-
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "nmnist")
 
 
 @dataclass
