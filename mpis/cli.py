@@ -28,6 +28,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(cls.__name__)
         for f in fields(cls):
             flag = "--T" if f.name == "T" else "--" + f.name.replace("_", "-")
+            if str(f.type) == "bool":
+                group.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+                continue
             group.add_argument(
                 flag,
                 dest=f.name,

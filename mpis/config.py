@@ -11,6 +11,11 @@ from mpis.errors import MpisError
 FORWARD_MODES = ("spike", "rate")
 GRAD_MODES = ("ift", "phantom")
 SOLVERS = ("fixed_point_iter", "anderson", "broyden")
+METHODS = ("mpis", "bptt")
+LOSSES = ("sdt", "tet", "lts", "tets")
+NEURONS = ("if", "lif")
+RESETS = ("soft", "hard")
+SURROGATES = ("atan", "sigmoid", "triangle")
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "nmnist")
 
 
@@ -22,7 +27,11 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
 class ModelConfig:
     arch: str = _opt("16C3S1-2F1*(32C3S2-48C3S1)-FC10", "architecture in the paper's notation")
     vth: float = _opt(1.0, "firing threshold Vth of every neuron")
-    v_init: float = _opt(0.0, "initial membrane potential of the spiking forward")
+    v_init: float = _opt(0.0, "initial membrane potential v(0) (the starting value when --imp is set)")
+    imp: bool = _opt(False, "learnable initial membrane potential, one per neuron (no weight decay)")
+    neuron: str = _opt("if", "spiking neuron: integrate-and-fire, or leaky (LIF, leak --leak)", NEURONS)
+    leak: float = _opt(0.9, "LIF leak λ: v <- λ·v + I each step (ignored by IF, which is λ = 1)")
+    reset: str = _opt("soft", "after a spike: subtract Vth (soft) or reset to zero (hard)", RESETS)
     dropout: float = _opt(0.05, "variational dropout rate (one channel mask per sample and solve)")
     upsample: str = _opt("transpose", "up-sampling fusion module", ("transpose", "nearest"))
 
@@ -31,6 +40,12 @@ class ModelConfig:
             raise MpisError(f"--vth must be > 0, got {self.vth}")
         if not 0.0 <= self.dropout < 1.0:
             raise MpisError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.leak <= 1.0:
+            raise MpisError(f"--leak must be in (0, 1], got {self.leak}")
+
+    @property
+    def effective_leak(self) -> float:
+        return self.leak if self.neuron == "lif" else 1.0
 
 
 @dataclass
@@ -58,6 +73,13 @@ class SolverConfig:
 
 @dataclass
 class TrainConfig:
+    method: str = _opt("mpis", "mpis: equilibrium training; bptt: unrolled over T with a surrogate gradient", METHODS)
+    loss: str = _opt(
+        "sdt", "sdt: CE of the time-mean output; tet: mean per-step CE; lts: last step; tets: TET-S", LOSSES
+    )
+    label_smoothing: float = _opt(0.01, "ε of TET-S (label smoothing)")
+    surrogate: str = _opt("atan", "surrogate gradient of the spike in BPTT", SURROGATES)
+    surrogate_alpha: float = _opt(2.0, "sharpness α of the surrogate")
     dataset: str = _opt("digits", "dataset (digits is embedded; the others read --data-dir)", DATASETS)
     data_dir: str | None = _opt(None, "folder with the dataset's standard files (not needed for digits)")
     epochs: int = _opt(15, "training epochs")
@@ -74,6 +96,10 @@ class TrainConfig:
                 raise MpisError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise MpisError(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise MpisError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not self.surrogate_alpha > 0:
+            raise MpisError(f"--surrogate-alpha must be > 0, got {self.surrogate_alpha}")
 
 
 CONFIG_CLASSES = (ModelConfig, SolverConfig, TrainConfig)

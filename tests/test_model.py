@@ -5,29 +5,6 @@ from conftest import contractive_net
 
 from mpis.config import SolverConfig
 from mpis.model.equilibrium import EquilibriumModel
-from mpis.model.neurons import IFState, dbrelu, if_step
-
-
-def test_if_neuron_spike_train_for_constant_input():
-    state, spikes = IFState(torch.zeros(1)), []
-    for _ in range(9):
-        s, state = if_step(torch.tensor([0.375]), state, vth=1.0)
-        spikes.append(int(s))
-    # v: .375 .75 1.125* .5 .875 1.25* .625 1.0 (not > Vth) 1.375*
-    assert spikes == [0, 0, 1, 0, 0, 1, 0, 0, 1]
-    assert state.v.item() == pytest.approx(0.375)
-
-
-def test_initial_membrane_potential_shifts_first_spike():
-    state, spikes = IFState(torch.full((1,), 0.5)), []
-    for _ in range(4):
-        s, state = if_step(torch.tensor([0.375]), state, vth=1.0)
-        spikes.append(int(s))
-    assert spikes == [0, 1, 0, 0]
-
-
-def test_dbrelu_clamps_to_unit_interval():
-    assert dbrelu(torch.tensor([-1.0, 0.5, 1.0, 3.0]), vth=2.0).tolist() == [0.0, 0.25, 0.5, 1.0]
 
 
 def _rate_model(**solver) -> EquilibriumModel:

@@ -49,11 +49,11 @@ class SolveInfo:
 class EquilibriumModel(nn.Module):
     """An MPISNet trained as an equilibrium model; `forward(x)` returns logits and solve statistics."""
 
-    def __init__(self, net: MPISNet, solver: SolverConfig, v_init: float = 0.0):
+    def __init__(self, net: MPISNet, solver: SolverConfig):
         super().__init__()
         self.net = net
         self.solver = solver
-        self.v_init = v_init
+        self.horizon = solver.T  # the IMP's charge is spread over T steps in the rate form
         self.layout = StateLayout(net.graph.state, tuple(net.graph.node(n).shape for n in net.graph.state))
         if solver.grad == "ift":
             self._gradient = backward_factory(
@@ -68,8 +68,8 @@ class EquilibriumModel(nn.Module):
     def solve(self, x: Tensor, masks: Values) -> tuple[Values, int]:
         """The fixed point of the stream outputs, computed without an autograd graph."""
         if self.solver.forward == "spike":
-            return self.net.simulate(x, self.solver.T, self.v_init, masks).state_rates, self.solver.T
-        explicit = self.net.explicit_rates(x, masks)
+            return self.net.simulate(x, self.solver.T, masks).state_rates, self.solver.T
+        explicit = self.net.explicit_rates(x, masks, horizon=self.horizon)
         func = self._map(explicit, masks, "running")
         z0 = self.layout.pack(self.net.zero_state(x.shape[0], x.device, x.dtype))
         z, _, info = get_solver(self.solver.solver)(
@@ -81,7 +81,7 @@ class EquilibriumModel(nn.Module):
         layout, net = self.layout, self.net
 
         def func(z: Tensor, tau: float = 1.0) -> Tensor:
-            step = layout.pack(net.loop_step(layout.unpack(z), explicit, masks, bn))
+            step = layout.pack(net.loop_step(layout.unpack(z), explicit, masks, bn, self.horizon))
             return step if tau == 1.0 else tau * step + (1.0 - tau) * z
 
         return func
@@ -98,7 +98,7 @@ class EquilibriumModel(nn.Module):
         if self.training:
             self.calibrate(x, state, masks)
         bn: BNMode = "batch" if self.training else "running"
-        explicit = self.net.explicit_rates(x, masks, bn)
+        explicit = self.net.explicit_rates(x, masks, bn, self.horizon)
         func = self._map(explicit, masks, bn)
         z_star = self.layout.pack(state).detach()
         if torch.is_grad_enabled():

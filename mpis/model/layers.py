@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
+
+
+def batch_statistics(y: Tensor) -> tuple[Tensor, Tensor, float]:
+    """Per-channel mean and (biased) variance over batch and space, across all DDP processes.
+
+    The sums are all-reduced with autograd support, so K processes with batch B normalise and
+    differentiate exactly like one process with batch K·B (synchronised BN, on CPU/gloo as on NCCL).
+    One formula serves both cases, so single- and multi-process runs round the same way."""
+    count = torch.tensor([float(y.numel() // y.shape[1])], device=y.device, dtype=y.dtype)
+    sums = torch.cat([y.sum(dim=(0, 2, 3)), (y * y).sum(dim=(0, 2, 3)), count])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sums = dist_fn.all_reduce(sums)
+    channels = y.shape[1]
+    total = sums[-1]
+    mean = sums[:channels] / total
+    var = (sums[channels : 2 * channels] / total - mean * mean).clamp_min(0.0)
+    return mean, var, float(total.detach())
 
 
 def down_size(size: int, stride: int) -> int:
@@ -27,29 +45,38 @@ class ConvBN(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding=kernel // 2, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
 
-    def forward(self, x: Tensor, batch_stats: bool = False) -> Tensor:
+    def forward(self, x: Tensor, stats: str = "running") -> Tensor:
+        """`running`: deployed statistics; `batch`: this batch's; `track`: this batch's, and update the
+        running ones (ordinary BN training, used per time step by BPTT)."""
         y = self.conv(x)
-        if batch_stats:
-            bn = self.bn
-            return F.batch_norm(y, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-        return self._normalise(y)
+        if stats == "running":
+            return self._normalise(y, self.bn.running_mean, self.bn.running_var)
+        mean, var, count = batch_statistics(y)
+        if stats == "track":
+            self._update(mean, var, count)
+        return self._normalise(y, mean, var)
 
-    def _normalise(self, y: Tensor) -> Tensor:
+    def _normalise(self, y: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         bn = self.bn
-        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        scale = bn.weight / torch.sqrt(var + bn.eps)
+        return y * scale[:, None, None] + (bn.bias - mean * scale)[:, None, None]
+
+    @torch.no_grad()
+    def _update(self, mean: Tensor, var: Tensor, count: float) -> None:
+        """Move the running statistics towards these (the first batch sets them outright)."""
+        bn = self.bn
+        unbiased = var * count / max(count - 1.0, 1.0)
+        momentum = 1.0 if int(bn.num_batches_tracked) == 0 else bn.momentum
+        bn.running_mean.lerp_(mean.detach(), momentum)
+        bn.running_var.lerp_(unbiased.detach(), momentum)
+        bn.num_batches_tracked += 1
 
     @torch.no_grad()
     def calibrate(self, x: Tensor) -> Tensor:
-        """Move the running statistics towards this batch's (the first batch sets them outright)."""
+        """Update the running statistics from this batch, then normalise with them."""
         y = self.conv(x)
-        bn = self.bn
-        mean = y.mean(dim=(0, 2, 3))
-        var = y.var(dim=(0, 2, 3), unbiased=True) if y.numel() > y.shape[1] else torch.ones_like(mean)
-        momentum = 1.0 if int(bn.num_batches_tracked) == 0 else bn.momentum
-        bn.running_mean.lerp_(mean, momentum)
-        bn.running_var.lerp_(var, momentum)
-        bn.num_batches_tracked += 1
-        return self._normalise(y)
+        self._update(*batch_statistics(y))
+        return self._normalise(y, self.bn.running_mean, self.bn.running_var)
 
     def folded(self) -> tuple[Tensor, Tensor]:
         """Weight and bias of the single conv equal to conv→BN (for export)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,11 +11,11 @@ from torch import Tensor, nn
 
 from mpis.arch import Arch, parse_arch
 from mpis.model.graph import Graph, Node, build_graph
-from mpis.model.neurons import IFState, dbrelu, if_initial_state, if_step
+from mpis.model.neurons import NeuronParams, SpikeFn, dbrelu, heaviside, neuron_step
 
 Fire = Callable[[str, Tensor], Tensor]
 Values = dict[str, Tensor]
-BNMode = Literal["running", "batch", "calibrate"]
+BNMode = Literal["running", "batch", "track", "calibrate"]
 
 
 def _depends_on(nodes: Iterable[Node], seeds: set[str], through_delayed: bool) -> set[str]:
@@ -30,7 +30,8 @@ def _depends_on(nodes: Iterable[Node], seeds: set[str], through_delayed: bool) -
 
 @dataclass
 class SpikeRecord:
-    """Result of a T-step simulation: time-mean of every stream output and spike counts per neuron."""
+    """Result of a T-step simulation: rate estimate of every stream output (time mean, λ-weighted for LIF)
+    and spike counts per neuron layer."""
 
     state_rates: Values
     spike_counts: Values
@@ -47,12 +48,18 @@ class MPISNet(nn.Module):
         vth: float = 1.0,
         dropout: float = 0.0,
         upsample: str = "transpose",
+        leak: float = 1.0,
+        reset: str = "soft",
+        v_init: float = 0.0,
+        imp: bool = False,
     ):
         super().__init__()
         self.arch = parse_arch(arch) if isinstance(arch, str) else arch
         self.input_shape = tuple(input_shape)
+        self.neuron = NeuronParams(float(vth), float(leak), reset)
         self.vth = float(vth)
         self.dropout = float(dropout)
+        self.v_init = float(v_init)
         self.graph: Graph
         self.graph, ops = build_graph(self.arch, self.input_shape, upsample)
         self.ops = nn.ModuleDict(ops)
@@ -68,6 +75,20 @@ class MPISNet(nn.Module):
         self.constant_nodes = tuple(n for n in nodes if n.name in constant)
         self.step_nodes = tuple(n for n in nodes if n.name not in constant)
         self.neurons = tuple(n for n in nodes if n.kind == "neuron")
+        # Learnable initial membrane potential (IMP), one value per neuron, starting at v_init.
+        self.imp = nn.ParameterDict(
+            {n.name: nn.Parameter(torch.full(n.shape, self.v_init)) for n in self.neurons} if imp else {}
+        )
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: tuple[int, int, int]) -> MPISNet:
+        """Build from a `ModelConfig` (kept untyped here so the model does not import the CLI's config)."""
+        leak = cfg.effective_leak
+        return cls(cfg.arch, input_shape, cfg.vth, cfg.dropout, cfg.upsample, leak, cfg.reset, cfg.v_init, cfg.imp)
+
+    def initial_potential(self, name: str, like: Tensor) -> Tensor:
+        v0 = self.imp[name] if name in self.imp else None
+        return torch.full_like(like, self.v_init) if v0 is None else v0.expand_as(like)
 
     # ---- walking the graph -------------------------------------------------------------------
     def _walk(self, nodes: Iterable[Node], values: Values, delayed: Values, fire: Fire, bn: BNMode) -> Values:
@@ -85,31 +106,47 @@ class MPISNet(nn.Module):
             elif node.kind == "conv" and bn == "calibrate":
                 values[node.name] = self.ops[node.name].calibrate(total)
             elif node.kind == "conv":
-                values[node.name] = self.ops[node.name](total, bn == "batch")
+                values[node.name] = self.ops[node.name](total, bn)
             else:
                 values[node.name] = self.ops[node.name](total)
         return values
 
-    def rate_fire(self, masks: Values) -> Fire:
-        """DBReLU neurons, with the variational-dropout mask of each layer applied to its input."""
+    def rate_fire(self, masks: Values, horizon: int | None = None) -> Fire:
+        """DBReLU neurons, with the variational-dropout mask of each layer applied to its input.
+
+        With learnable IMP and a horizon T, each neuron also receives v0/T: the initial potential's share
+        of the charge over T steps (paper Eq. 13), which is how the IMP gets a gradient in the rate step."""
 
         def fire(name: str, current: Tensor) -> Tensor:
             mask = masks.get(name)
-            return dbrelu(current if mask is None else current * mask, self.vth)
+            if mask is not None:
+                current = current * mask
+            if horizon and name in self.imp:
+                current = current + self.imp[name] / horizon
+            return dbrelu(current, self.vth)
 
         return fire
 
-    def explicit_rates(self, x: Tensor, masks: Values | None = None, bn: BNMode = "running") -> Values:
+    def explicit_rates(
+        self, x: Tensor, masks: Values | None = None, bn: BNMode = "running", horizon: int | None = None
+    ) -> Values:
         """Rates of the stem (run once; its output is the input injection of stream 1).
 
         A frame sequence (B, frames, C, H, W) drives the rate form with its mean current."""
         if x.dim() == 5:
             x = x.mean(dim=1)
-        return self._walk(self.explicit_nodes, {"input": x}, {}, self.rate_fire(masks or {}), bn)
+        return self._walk(self.explicit_nodes, {"input": x}, {}, self.rate_fire(masks or {}, horizon), bn)
 
-    def loop_step(self, state: Values, explicit: Values, masks: Values | None = None, bn: BNMode = "running") -> Values:
+    def loop_step(
+        self,
+        state: Values,
+        explicit: Values,
+        masks: Values | None = None,
+        bn: BNMode = "running",
+        horizon: int | None = None,
+    ) -> Values:
         """One application of the equilibrium map f: stream outputs s^t -> s^{t+1} (paper Eq. 6)."""
-        values = self._walk(self.loop_nodes, dict(explicit), state, self.rate_fire(masks or {}), bn)
+        values = self._walk(self.loop_nodes, dict(explicit), state, self.rate_fire(masks or {}, horizon), bn)
         return {name: values[name] for name in self.graph.state}
 
     def classify(self, state: Values) -> Tensor:
@@ -131,40 +168,55 @@ class MPISNet(nn.Module):
             n.name: torch.empty(batch, n.shape[0], 1, 1, device=device).bernoulli_(keep) / keep for n in self.neurons
         }
 
-    @torch.no_grad()
-    def simulate(self, x: Tensor, steps: int, v_init: float = 0.0, masks: Values | None = None) -> SpikeRecord:
-        """T-step integrate-and-fire simulation (reset by subtraction) with the image as constant current.
+    def spike_steps(
+        self,
+        x: Tensor,
+        steps: int,
+        masks: Values | None = None,
+        spike: SpikeFn = heaviside,
+        bn: BNMode = "running",
+    ) -> Iterator[Values]:
+        """Yield every node's output at each of `steps` time steps of the spiking network.
 
-        A frame sequence (B, frames, C, H, W) is played over the T steps instead (frame t·frames//T)."""
+        The image is a constant input current (direct coding); a frame sequence (B, frames, C, H, W) is
+        played instead, frame t·frames//T at step t. Back-edges read the previous step (zeros at t = 0).
+        Used without autograd by the spike forward, and with a surrogate `spike` for BPTT."""
         masks = masks or {}
         frames = x.shape[1] if x.dim() == 5 else 0
-        batch = x.shape[0]
         no_fire = self.rate_fire({})
         if not frames:
-            constant = self._walk(self.constant_nodes, {"input": x}, {}, no_fire, "running")
-        membranes: dict[str, IFState] = {}
+            constant = self._walk(self.constant_nodes, {"input": x}, {}, no_fire, bn)
+        membranes: Values = {}
 
         def fire(name: str, current: Tensor) -> Tensor:
             mask = masks.get(name)
             if mask is not None:
                 current = current * mask
-            state = membranes.get(name)
-            if state is None:
-                state = if_initial_state(current, v_init)
-            spikes, membranes[name] = if_step(current, state, self.vth)
+            v = membranes.get(name)
+            if v is None:
+                v = self.initial_potential(name, current)
+            spikes, membranes[name] = neuron_step(current, v, self.neuron, spike)
             return spikes
 
-        previous = self.zero_state(batch, x.device, x.dtype)
-        sums = {name: torch.zeros_like(v) for name, v in previous.items()}
-        counts = {n.name: torch.zeros(batch, *n.shape, device=x.device, dtype=x.dtype) for n in self.neurons}
+        previous = self.zero_state(x.shape[0], x.device, x.dtype)
         for t in range(steps):
             if frames:
-                frame = x[:, t * frames // steps]
-                constant = self._walk(self.constant_nodes, {"input": frame}, {}, no_fire, "running")
-            values = self._walk(self.step_nodes, dict(constant), previous, fire, "running")
+                constant = self._walk(self.constant_nodes, {"input": x[:, t * frames // steps]}, {}, no_fire, bn)
+            values = self._walk(self.step_nodes, dict(constant), previous, fire, bn)
             previous = {name: values[name] for name in self.graph.state}
-            for name in sums:
-                sums[name] += previous[name]
-            for name in counts:
-                counts[name] += values[name]
-        return SpikeRecord({k: v / steps for k, v in sums.items()}, counts, steps)
+            yield values
+
+    @torch.no_grad()
+    def simulate(self, x: Tensor, steps: int, masks: Values | None = None) -> SpikeRecord:
+        """T-step simulation; stream-output rates are weighted by λ^(T−t) (plain means for IF)."""
+        leak = self.neuron.leak
+        sums: Values = {}
+        counts: Values = {}
+        norm = 0.0
+        for values in self.spike_steps(x, steps, masks):
+            norm = leak * norm + 1.0
+            for name in self.graph.state:
+                sums[name] = values[name] if name not in sums else leak * sums[name] + values[name]
+            for n in self.neurons:
+                counts[n.name] = values[n.name] if n.name not in counts else counts[n.name] + values[n.name]
+        return SpikeRecord({k: v / norm for k, v in sums.items()}, counts, steps)

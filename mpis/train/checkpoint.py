@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mpis.config import ModelConfig, SolverConfig, TrainConfig, config_from_dict
 from mpis.errors import MpisError
-from mpis.model.equilibrium import EquilibriumModel
-from mpis.model.network import MPISNet
+from mpis.train.models import build_model
 
 FORMAT = "mpis-checkpoint"
 VERSION = 1
@@ -38,7 +38,7 @@ def atomic_write(path: Path, write) -> None:
 
 def save_checkpoint(
     path: Path,
-    model: EquilibriumModel,
+    model: nn.Module,
     model_cfg: ModelConfig,
     solver_cfg: SolverConfig,
     train_cfg: TrainConfig,
@@ -58,7 +58,8 @@ def save_checkpoint(
 
 
 class Checkpoint:
-    """A loaded checkpoint: configs, input shape and the rebuilt model (on CPU, eval mode)."""
+    """A loaded checkpoint: configs, input shape, the rebuilt trainer model (MPIS or BPTT; CPU, eval mode)
+    and its network."""
 
     def __init__(self, payload: dict[str, Any], path: Path):
         self.path = path
@@ -67,16 +68,15 @@ class Checkpoint:
         self.train_cfg: TrainConfig = config_from_dict(TrainConfig, payload["train"])
         self.input_shape = tuple(int(v) for v in payload["input_shape"])
         self.metrics: dict[str, Any] = payload.get("metrics", {})
-        net = MPISNet(
-            self.model_cfg.arch, self.input_shape, self.model_cfg.vth, self.model_cfg.dropout, self.model_cfg.upsample
-        )
         try:
-            net.load_state_dict(payload["state_dict"])
+            self.model = build_model(self.model_cfg, self.solver_cfg, self.train_cfg, self.input_shape)
+            self.model.net.load_state_dict(payload["state_dict"])
         except RuntimeError as err:
             raise MpisError(
                 f"checkpoint {path} does not match its own architecture: {str(err).splitlines()[0]}"
             ) from None
-        self.model = EquilibriumModel(net, self.solver_cfg, self.model_cfg.v_init).eval()
+        self.model.eval()
+        self.net = self.model.net
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from mpis.config import ModelConfig, SolverConfig, TrainConfig, check_choices
 from mpis.errors import MpisError
-from mpis.model.equilibrium import EquilibriumModel
-from mpis.model.network import MPISNet
 from mpis.train.checkpoint import atomic_write, save_checkpoint
-from mpis.train.data import DataSplit, load_dataset
+from mpis.train.data import load_dataset
+from mpis.train.losses import readout, spiking_loss
+from mpis.train.models import build_model, step_outputs
 
 RUN_FILES = ("model.pt", "metrics.jsonl")
 
@@ -39,11 +42,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -54,28 +56,40 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on BN affine parameters and biases (1-D tensors)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    plain = [p for p in model.parameters() if p.ndim <= 1]
+    """No weight decay on BN affine parameters, biases (1-D tensors) and initial membrane potentials."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        (plain if p.ndim <= 1 or ".imp." in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def build_model(model_cfg: ModelConfig, solver_cfg: SolverConfig, data: DataSplit) -> EquilibriumModel:
-    net = MPISNet(model_cfg.arch, data.input_shape, model_cfg.vth, model_cfg.dropout, model_cfg.upsample)
-    if net.arch.classes != data.classes:
-        raise MpisError(f"arch ends in FC{net.arch.classes} but the dataset has {data.classes} classes")
-    return EquilibriumModel(net, solver_cfg, model_cfg.v_init)
-
-
 @torch.no_grad()
-def evaluate(model: EquilibriumModel, loader: DataLoader, device: torch.device) -> float:
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, loss_kind: str) -> float:
     model.eval()
     correct = total = 0
     for x, y in loader:
-        logits, _ = model(x.to(device))
-        correct += int((logits.argmax(1).cpu() == y).sum())
+        outputs, _ = step_outputs(model, x.to(device))
+        correct += int((readout(loss_kind, outputs).argmax(1).cpu() == y).sum())
         total += len(y)
     return correct / max(total, 1)
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
@@ -106,14 +120,42 @@ def train(
     """Train, write one JSON line per epoch to out/metrics.jsonl and out/model.pt; return the last metrics."""
     for cfg in (model_cfg, solver_cfg, train_cfg):
         check_choices(cfg)
+    ddp = Distributed.from_env()
     device = resolve_device(train_cfg.device)
-    out = Path(out)
-    data = load_dataset(train_cfg.dataset, train_cfg.data_dir, frames=solver_cfg.T)
-    prepare_out_dir(out, overwrite)
+    if ddp.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(device)
+    if ddp.world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(model_cfg, solver_cfg, train_cfg, Path(out), overwrite, progress, device, ddp)
+    finally:
+        if ddp.world > 1:
+            dist.destroy_process_group()
 
-    generator = seed_everything(train_cfg.seed)
-    model = build_model(model_cfg, solver_cfg, data).to(device)
-    train_loader = DataLoader(data.train, batch_size=train_cfg.batch_size, shuffle=True, generator=generator)
+
+def _train(
+    model_cfg: ModelConfig,
+    solver_cfg: SolverConfig,
+    train_cfg: TrainConfig,
+    out: Path,
+    overwrite: bool,
+    progress: bool,
+    device: torch.device,
+    ddp: Distributed,
+) -> dict[str, Any]:
+    data = load_dataset(train_cfg.dataset, train_cfg.data_dir, frames=solver_cfg.T)
+    if ddp.main:
+        prepare_out_dir(out, overwrite)
+    seed_everything(train_cfg.seed)
+    model = build_model(model_cfg, solver_cfg, train_cfg, data.input_shape).to(device)
+    if model.net.arch.classes != data.classes:
+        raise MpisError(f"arch ends in FC{model.net.arch.classes} but the dataset has {data.classes} classes")
+    trained = DistributedDataParallel(model) if ddp.world > 1 else model
+    # The same sampler with one replica or K: K processes with batch B see exactly the batches of size K·B
+    # that one process sees, so a torchrun job reproduces a single-process run.
+    sampler = DistributedSampler(data.train, ddp.world, ddp.rank, shuffle=True, seed=train_cfg.seed)
+    train_loader = DataLoader(data.train, batch_size=train_cfg.batch_size, sampler=sampler)
     test_loader = DataLoader(data.test, batch_size=max(train_cfg.batch_size, 256))
     if train_cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr)
@@ -128,14 +170,14 @@ def train(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for epoch in range(1, train_cfg.epochs + 1):
-        model.train()
+        trained.train()
+        sampler.set_epoch(epoch)
         start = time.perf_counter()
-        loss_sum = correct = seen = 0
-        residual_sum = 0.0
+        totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, seen, residual sum
         bar = tqdm(
             train_loader,
             desc=f"epoch {epoch}/{train_cfg.epochs}",
-            disable=not progress,
+            disable=not (progress and ddp.main),
             file=sys.stderr,
             leave=False,
             dynamic_ncols=True,
@@ -144,29 +186,35 @@ def train(
             x, y = x.to(device), y.to(device)
             if data.augment is not None:
                 x = data.augment(x)
-            logits, info = model(x)
-            loss = F.cross_entropy(logits, y)
+            outputs, residual = step_outputs(trained, x)
+            loss = spiking_loss(train_cfg.loss, outputs, y, train_cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             if not torch.isfinite(loss):
                 raise MpisError(f"training diverged at epoch {epoch} (loss {loss.item()}); lower --lr")
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            residual_sum += float(info.residual.sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            with torch.no_grad():
+                correct = (readout(train_cfg.loss, outputs).argmax(1) == y).sum()
+                res = 0.0 if residual is None else float(residual.sum())
+                totals += torch.tensor([loss.item() * len(y), float(correct), len(y), res], dtype=torch.float64)
+            bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}")
         seconds = time.perf_counter() - start
-        test_acc = evaluate(model, test_loader, device)
+        if ddp.world > 1:
+            dist.all_reduce(totals)
+        if not ddp.main:
+            dist.barrier()
+            continue
+        test_acc = evaluate(model, test_loader, device, train_cfg.loss)
         metrics = {
             "epoch": epoch,
-            "loss": loss_sum / seen,
-            "train_acc": correct / seen,
+            "method": train_cfg.method,
+            "loss": float(totals[0] / totals[2]),
+            "train_acc": float(totals[1] / totals[2]),
             "test_acc": test_acc,
             "seconds": round(seconds, 3),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
-            "residual": residual_sum / seen,
+            "residual": float(totals[3] / totals[2]) if train_cfg.method == "mpis" else None,
             "lr": schedule.get_last_lr()[0],
         }
         lines.append(json.dumps(metrics))
@@ -175,7 +223,9 @@ def train(
         if progress:
             print(
                 f"epoch {epoch}: loss {metrics['loss']:.4f}  train {metrics['train_acc']:.4f}  "
-                f"test {test_acc:.4f}  {seconds:.1f}s  residual {metrics['residual']:.3f}",
+                f"test {test_acc:.4f}  {seconds:.1f}s",
                 file=sys.stderr,
             )
+        if ddp.world > 1:
+            dist.barrier()
     return metrics
