@@ -50,7 +50,8 @@ def _train(args: argparse.Namespace) -> int:
 
     model_cfg, solver_cfg, train_cfg = _configs(args)
     metrics = train(model_cfg, solver_cfg, train_cfg, Path(args.out), args.overwrite, progress=not args.quiet)
-    print(f"test accuracy {metrics['test_acc']:.4f}; checkpoint {Path(args.out) / 'model.pt'}")
+    if metrics:  # only rank 0 of a torchrun job evaluates and writes
+        print(f"test accuracy {metrics['test_acc']:.4f}; checkpoint {Path(args.out) / 'model.pt'}")
     return 0
 
 

@@ -72,8 +72,11 @@ class EquilibriumModel(nn.Module):
         explicit = self.net.explicit_rates(x, masks, horizon=self.horizon)
         func = self._map(explicit, masks, "running")
         z0 = self.layout.pack(self.net.zero_state(x.shape[0], x.device, x.dtype))
+        # Plain iteration returns its last iterate (the T-step map, continuous in the weights); the
+        # accelerated solvers return their lowest-residual iterate.
+        plain = self.solver.solver == "fixed_point_iter"
         z, _, info = get_solver(self.solver.solver)(
-            func, z0, max_iter=self.solver.T, tol=self.solver.tol, stop_mode="rel"
+            func, z0, max_iter=self.solver.T, tol=self.solver.tol, stop_mode="rel", return_final=plain
         )
         return self.layout.unpack(z), int(info["nstep"].max())
 

@@ -13,16 +13,33 @@ def batch_statistics(y: Tensor) -> tuple[Tensor, Tensor, float]:
 
     The sums are all-reduced with autograd support, so K processes with batch B normalise and
     differentiate exactly like one process with batch K·B (synchronised BN, on CPU/gloo as on NCCL).
-    One formula serves both cases, so single- and multi-process runs round the same way."""
+    One formula serves both cases."""
+
+    def reduce(t: Tensor) -> Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist_fn.all_reduce(t, group=_statistics_group())
+        return t
+
     count = torch.tensor([float(y.numel() // y.shape[1])], device=y.device, dtype=y.dtype)
-    sums = torch.cat([y.sum(dim=(0, 2, 3)), (y * y).sum(dim=(0, 2, 3)), count])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        sums = dist_fn.all_reduce(sums)
-    channels = y.shape[1]
+    sums = reduce(torch.cat([y.sum(dim=(0, 2, 3)), count]))
     total = sums[-1]
-    mean = sums[:channels] / total
-    var = (sums[channels : 2 * channels] / total - mean * mean).clamp_min(0.0)
+    mean = sums[:-1] / total
+    # Two passes (mean, then squared deviations): E[y²] − E[y]² cancels catastrophically for channels
+    # that are almost constant, and would then differ between one process and several.
+    var = reduce((y - mean[:, None, None]).square().sum(dim=(0, 2, 3))) / total
     return mean, var, float(total.detach())
+
+
+_GROUPS: dict[int, dist.ProcessGroup] = {}
+
+
+def _statistics_group() -> dist.ProcessGroup:
+    """A process group of its own for BN statistics: DDP's asynchronous gradient all-reduces run on the
+    default group during backward, and sharing it would let the two kinds of collective interleave."""
+    key = id(dist.group.WORLD)
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group()
+    return _GROUPS[key]
 
 
 def down_size(size: int, stride: int) -> int:

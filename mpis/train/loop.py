@@ -155,7 +155,7 @@ def _train(
     # The same sampler with one replica or K: K processes with batch B see exactly the batches of size K·B
     # that one process sees, so a torchrun job reproduces a single-process run.
     sampler = DistributedSampler(data.train, ddp.world, ddp.rank, shuffle=True, seed=train_cfg.seed)
-    train_loader = DataLoader(data.train, batch_size=train_cfg.batch_size, sampler=sampler)
+    train_loader = DataLoader(data.train, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True)
     test_loader = DataLoader(data.test, batch_size=max(train_cfg.batch_size, 256))
     if train_cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr)
