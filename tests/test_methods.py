@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from mpis.config import ModelConfig, SolverConfig, TrainConfig
+from mpis.train.losses import readout, spiking_loss
+from mpis.train.models import build_model, step_outputs
+
+ARCH = "4C3-2F1*(6C3S2-8C3)-FC10"
+SHAPE = (1, 8, 8)
+
+
+def one_step(method: str, loss: str = "sdt", **model) -> torch.nn.Module:
+    cfg = ModelConfig(arch=ARCH, dropout=0.1, **model)
+    net_model = build_model(cfg, SolverConfig(T=6), TrainConfig(method=method, loss=loss), SHAPE).train()
+    x, y = torch.rand(8, *SHAPE), torch.randint(0, 10, (8,))
+    outputs, _ = step_outputs(net_model, x)
+    value = spiking_loss(loss, outputs, y, smoothing=0.1)
+    value.backward()
+    assert torch.isfinite(value)
+    grads = [p.grad for p in net_model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    return net_model
+
+
+@pytest.mark.parametrize("method", ["mpis", "bptt"])
+@pytest.mark.parametrize(
+    "neuron", [{"neuron": "if"}, {"neuron": "lif", "leak": 0.5}, {"neuron": "lif", "leak": 0.9, "reset": "hard"}]
+)
+@pytest.mark.parametrize("loss", ["sdt", "tet", "lts", "tets"])
+def test_every_neuron_and_loss_option_trains_one_step_without_nan(method, neuron, loss):
+    one_step(method, loss, vth=0.5, **neuron)
+
+
+def test_bptt_returns_one_output_per_time_step():
+    model = one_step("bptt")
+    with torch.no_grad():
+        outputs, residual = step_outputs(model.eval(), torch.rand(3, *SHAPE))
+    assert outputs.shape == (6, 3, 10) and residual is None
+
+
+@pytest.mark.parametrize("method", ["mpis", "bptt"])
+def test_learnable_initial_membrane_potential_receives_gradients(method):
+    model = one_step(method, imp=True, v_init=0.25)
+    imp = dict(model.net.imp.named_parameters())
+    assert imp and all(p.grad is not None and p.grad.abs().sum() > 0 for p in imp.values())
+    assert all(torch.all(p == 0.25) for p in imp.values())  # starts at v_init
+
+
+def test_imp_sets_the_starting_membrane_of_the_spike_forward():
+    cfg = ModelConfig(arch=ARCH, imp=True)
+    net = build_model(cfg, SolverConfig(T=4), TrainConfig(), SHAPE).net.eval()
+    x = torch.rand(2, *SHAPE)
+    before = net.simulate(x, 4).spike_counts
+    with torch.no_grad():
+        for p in net.imp.values():
+            p.fill_(0.99)
+    after = net.simulate(x, 4).spike_counts
+    assert sum(v.sum() for v in after.values()) > sum(v.sum() for v in before.values())
+
+
+def test_imp_is_excluded_from_weight_decay():
+    from mpis.train.loop import param_groups
+
+    model = build_model(ModelConfig(arch=ARCH, imp=True), SolverConfig(), TrainConfig(), SHAPE)
+    decayed = {id(p) for p in param_groups(model, 1e-4)[0]["params"]}
+    assert not any(id(p) in decayed for p in model.net.imp.parameters())
+
+
+def test_losses_on_a_hand_made_output():
+    # Two steps, one sample: step 1 says class 0, step 2 says class 1.
+    outputs = torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]])
+    target = torch.tensor([1])
+    ce = torch.nn.functional.cross_entropy
+    assert spiking_loss("sdt", outputs, target) == pytest.approx(ce(torch.tensor([[1.0, 1.0]]), target).item())
+    assert spiking_loss("lts", outputs, target) == pytest.approx(ce(outputs[1], target).item())
+    tet = (ce(outputs[0], target) + ce(outputs[1], target)) / 2
+    assert spiking_loss("tet", outputs, target) == pytest.approx(tet.item())
+    smooth = torch.tensor([[0.05, 0.95]])  # (1 − ε)·onehot + ε/K with ε = 0.1, K = 2
+    tets = -(smooth * outputs.log_softmax(-1)).sum(-1).mean()
+    assert spiking_loss("tets", outputs, target, smoothing=0.1) == pytest.approx(tets.item())
+    assert readout("lts", outputs).argmax().item() == 1
