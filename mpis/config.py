@@ -3,7 +3,7 @@ stores them, so later commands (export, check) rebuild exactly the trained model
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from mpis.errors import MpisError
@@ -128,7 +128,6 @@ __all__ = [
     "SolverConfig",
     "TrainConfig",
     "CONFIG_CLASSES",
-    "asdict",
     "check_choices",
     "config_from_dict",
 ]

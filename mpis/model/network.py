@@ -57,7 +57,6 @@ class MPISNet(nn.Module):
         self.arch = parse_arch(arch) if isinstance(arch, str) else arch
         self.input_shape = tuple(input_shape)
         self.neuron = NeuronParams(float(vth), float(leak), reset)
-        self.vth = float(vth)
         self.dropout = float(dropout)
         self.v_init = float(v_init)
         self.graph: Graph
@@ -123,7 +122,7 @@ class MPISNet(nn.Module):
                 current = current * mask
             if horizon and name in self.imp:
                 current = current + self.imp[name] / horizon
-            return dbrelu(current, self.vth)
+            return dbrelu(current, self.neuron.vth)
 
         return fire
 
