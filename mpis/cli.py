@@ -78,6 +78,35 @@ def _arch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from mpis.export.onnx import export_onnx
+    from mpis.train.checkpoint import load_checkpoint
+    from mpis.train.data import load_dataset
+
+    if args.onnx is None:
+        raise MpisError("nothing to export: pass --onnx OUT.onnx")
+    ckpt = load_checkpoint(args.checkpoint)
+    iterations = ckpt.solver_cfg.T if args.iters is None else args.iters
+    if args.batch < 1:
+        raise MpisError(f"--batch must be >= 1, got {args.batch}")
+    try:  # parity is checked on real test images when the dataset is at hand, else on random inputs
+        test = load_dataset(ckpt.train_cfg.dataset, ckpt.train_cfg.data_dir, frames=ckpt.solver_cfg.T).test
+        sample = torch.stack([test[i][0] for i in range(min(args.batch, len(test)))])
+    except MpisError:
+        sample = torch.rand(args.batch, *ckpt.input_shape, generator=torch.Generator().manual_seed(0))
+    if sample.dim() == 5:  # event frames drive the rate graph with their mean
+        sample = sample.mean(1)
+    report = export_onnx(ckpt.net, args.onnx, iterations, args.with_rates, sample, args.overwrite)
+    print(
+        f"wrote {args.onnx}: {iterations} iterations, parity on {report.batch} inputs: "
+        f"max |Δlogits| {report.max_abs_logits:.2e}, max |Δrates| {report.max_abs_rates:.2e}, "
+        f"argmax {'identical' if report.argmax_equal else 'DIFFERENT'}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mpis", description="Train MPIS equilibrium spiking networks and export them.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -87,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     _add_config_flags(train)
     train.set_defaults(run=_train)
+
+    export = commands.add_parser("export", help="export a trained checkpoint (ONNX rate graph)")
+    export.add_argument("checkpoint", help="DIR/model.pt written by mpis train")
+    export.add_argument("--onnx", help="write the single-step DBReLU graph, unrolled K iterations, to this file")
+    export.add_argument("--iters", type=int, help="equilibrium iterations K (default: the checkpoint's T)")
+    export.add_argument("--with-rates", action="store_true", help="also output the rates of every neuron layer")
+    export.add_argument("--batch", type=int, default=256, help="inputs used for the parity check (default 256)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    export.set_defaults(run=_export)
 
     arch = commands.add_parser("arch", help="parse an architecture string and list its graph and parameter count")
     arch.add_argument("arch", help="architecture in the paper's notation, e.g. '16C3S1-2F1*(32C3S2-48C3S1)-FC10'")

@@ -104,6 +104,22 @@ class ConvBN(nn.Module):
         return weight.detach(), bias.detach()
 
 
+class FoldedConv(nn.Conv2d):
+    """A ConvBN with BN folded into the conv: what inference graphs (ONNX, NIR) contain."""
+
+    @classmethod
+    def from_conv_bn(cls, layer: ConvBN) -> FoldedConv:
+        conv = layer.conv
+        folded = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True)
+        weight, bias = layer.folded()
+        folded.weight.data.copy_(weight)
+        folded.bias.data.copy_(bias)
+        return folded
+
+    def forward(self, x: Tensor, stats: str = "running") -> Tensor:
+        return super().forward(x)
+
+
 class NearestUp(nn.Module):
     """Nearest-neighbour up-sampling by an integer factor, cropped to the target size (odd maps)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from mpis.arch import Arch, parse_arch
 from mpis.model.graph import Graph, Node, build_graph
+from mpis.model.layers import FoldedConv
 from mpis.model.neurons import NeuronParams, SpikeFn, dbrelu, heaviside, neuron_step
 
 Fire = Callable[[str, Tensor], Tensor]
@@ -147,6 +149,25 @@ class MPISNet(nn.Module):
         """One application of the equilibrium map f: stream outputs s^t -> s^{t+1} (paper Eq. 6)."""
         values = self._walk(self.loop_nodes, dict(explicit), state, self.rate_fire(masks or {}, horizon), bn)
         return {name: values[name] for name in self.graph.state}
+
+    def rate_iterations(self, x: Tensor, iterations: int) -> Values:
+        """Every node's rate after `iterations` plain iterations from the zero state (eval-mode map):
+        the graph that ONNX export unrolls and the spike runtime is checked against."""
+        values = self.explicit_rates(x)
+        state = self.zero_state(x.shape[0], x.device, x.dtype)
+        explicit = dict(values)
+        for _ in range(iterations):
+            values = self._walk(self.loop_nodes, dict(explicit), state, self.rate_fire({}), "running")
+            state = {name: values[name] for name in self.graph.state}
+        return values
+
+    def folded_copy(self) -> MPISNet:
+        """A copy for inference with every BN folded into its conv."""
+        folded = copy.deepcopy(self).eval()
+        for node in self.graph.nodes:
+            if node.kind == "conv":
+                folded.ops[node.name] = FoldedConv.from_conv_bn(self.ops[node.name])
+        return folded
 
     def classify(self, state: Values) -> Tensor:
         """Logits from the smallest (last) stream's equilibrium rates."""

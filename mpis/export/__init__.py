@@ -1,0 +1,1 @@
+"""Export of a trained network: the rate graph to ONNX; later TensorRT, Triton and NIR."""
