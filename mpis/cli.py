@@ -79,18 +79,24 @@ def _arch(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import tempfile
+
     import torch
 
-    from mpis.export.onnx import export_onnx
-    from mpis.train.checkpoint import load_checkpoint
+    from mpis.export.onnx import INPUT_NAME, LOGITS_NAME, export_onnx
+    from mpis.train.checkpoint import atomic_write, load_checkpoint
     from mpis.train.data import load_dataset
 
-    if args.onnx is None:
-        raise MpisError("nothing to export: pass --onnx OUT.onnx")
-    ckpt = load_checkpoint(args.checkpoint)
-    iterations = ckpt.solver_cfg.T if args.iters is None else args.iters
+    if args.onnx is None and args.triton_repo is None and args.trt is None:
+        raise MpisError("nothing to export: pass --onnx OUT.onnx, --trt OUT.plan and/or --triton-repo REPO")
     if args.batch < 1:
         raise MpisError(f"--batch must be >= 1, got {args.batch}")
+    if args.trt:
+        from mpis.export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # fail before the slow ONNX export, not after
+    ckpt = load_checkpoint(args.checkpoint)
+    iterations = ckpt.solver_cfg.T if args.iters is None else args.iters
     try:  # parity is checked on real test images when the dataset is at hand, else on random inputs
         test = load_dataset(ckpt.train_cfg.dataset, ckpt.train_cfg.data_dir, frames=ckpt.solver_cfg.T).test
         sample = torch.stack([test[i][0] for i in range(min(args.batch, len(test)))])
@@ -98,12 +104,58 @@ def _export(args: argparse.Namespace) -> int:
         sample = torch.rand(args.batch, *ckpt.input_shape, generator=torch.Generator().manual_seed(0))
     if sample.dim() == 5:  # event frames drive the rate graph with their mean
         sample = sample.mean(1)
-    report = export_onnx(ckpt.net, args.onnx, iterations, args.with_rates, sample, args.overwrite)
-    print(
-        f"wrote {args.onnx}: {iterations} iterations, parity on {report.batch} inputs: "
-        f"max |Δlogits| {report.max_abs_logits:.2e}, max |Δrates| {report.max_abs_rates:.2e}, "
-        f"argmax {'identical' if report.argmax_equal else 'DIFFERENT'}"
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        onnx_path = Path(args.onnx) if args.onnx else Path(scratch) / "model.onnx"
+        report = export_onnx(ckpt.net, onnx_path, iterations, args.with_rates, sample, args.overwrite)
+        print(
+            f"wrote {onnx_path if args.onnx else 'the ONNX graph'}: {iterations} iterations, parity on "
+            f"{report.batch} inputs: max |Δlogits| {report.max_abs_logits:.2e}, "
+            f"max |Δrates| {report.max_abs_rates:.2e}, argmax {'identical' if report.argmax_equal else 'DIFFERENT'}"
+        )
+        plan = None
+        if args.trt:
+            from mpis.export.tensorrt import build_engine
+
+            plan = Path(args.trt)
+            if plan.exists() and not args.overwrite:
+                raise MpisError(f"{plan} already exists; choose another path or pass --overwrite")
+            shape = ckpt.input_shape
+            atomic_write(
+                plan,
+                lambda tmp: build_engine(onnx_path, Path(tmp), shape, args.max_batch_size, 32, args.fp16),
+            )
+            print(f"wrote {plan} ({'fp16' if args.fp16 else 'fp32'} TensorRT engine, batch 1-{args.max_batch_size})")
+        if args.triton_repo:
+            from mpis.export.triton import write_triton_repo
+
+            outputs = [(LOGITS_NAME, (ckpt.net.arch.classes,))]
+            if args.with_rates:
+                outputs += [(f"rate_{n.name}", n.shape) for n in ckpt.net.neurons]
+            inputs = [(INPUT_NAME, ckpt.input_shape)]
+            written = write_triton_repo(
+                Path(args.triton_repo), args.name, onnx_path, inputs, outputs, args.max_batch_size, plan, args.overwrite
+            )
+            print("wrote Triton model(s): " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mpis.export.tensorrt import check_engine
+
+    if args.batch < 1:
+        raise MpisError(f"--batch must be >= 1, got {args.batch}")
+    if not Path(args.onnx).is_file():
+        raise MpisError(f"ONNX file {args.onnx} does not exist")
+    import onnx
+
+    dims = [d.dim_value for d in onnx.load(args.onnx).graph.input[0].type.tensor_type.shape.dim[1:]]
+    inputs = np.random.default_rng(0).random((args.batch, *dims), dtype=np.float32)
+    delta = check_engine(Path(args.engine), Path(args.onnx), inputs)
+    print(f"engine {args.engine} vs ONNX Runtime on {args.batch} inputs: max |Δlogits| {delta:.2e}")
+    if delta > args.tolerance:
+        raise MpisError(f"engine differs from ONNX Runtime by {delta:.2e} > --tolerance {args.tolerance:g}")
     return 0
 
 
@@ -117,14 +169,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     train.set_defaults(run=_train)
 
-    export = commands.add_parser("export", help="export a trained checkpoint (ONNX rate graph)")
+    export = commands.add_parser("export", help="export a trained checkpoint (ONNX, TensorRT, Triton repository)")
     export.add_argument("checkpoint", help="DIR/model.pt written by mpis train")
     export.add_argument("--onnx", help="write the single-step DBReLU graph, unrolled K iterations, to this file")
     export.add_argument("--iters", type=int, help="equilibrium iterations K (default: the checkpoint's T)")
     export.add_argument("--with-rates", action="store_true", help="also output the rates of every neuron layer")
     export.add_argument("--batch", type=int, default=256, help="inputs used for the parity check (default 256)")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    export.add_argument("--trt", help="also build a TensorRT engine (needs tensorrt and CUDA) into this file")
+    export.add_argument("--fp16", action="store_true", help="build the TensorRT engine in fp16")
+    export.add_argument("--triton-repo", help="write a Triton model repository into this folder")
+    export.add_argument("--name", default="mpis", help="model name in the Triton repository (default mpis)")
+    export.add_argument("--max-batch-size", type=int, default=256, help="Triton/TensorRT max batch (default 256)")
+    export.add_argument("--overwrite", action="store_true", help="replace existing output files")
     export.set_defaults(run=_export)
+
+    infer = commands.add_parser("infer", help="check a TensorRT engine against ONNX Runtime")
+    infer.add_argument("--engine", required=True, help="OUT.plan from mpis export --trt")
+    infer.add_argument("--onnx", required=True, help="the ONNX file the engine was built from")
+    infer.add_argument("--batch", type=int, default=16)
+    infer.add_argument("--tolerance", type=float, default=1e-3, help="max |Δlogits| accepted (default 1e-3)")
+    infer.set_defaults(run=_infer)
 
     arch = commands.add_parser("arch", help="parse an architecture string and list its graph and parameter count")
     arch.add_argument("arch", help="architecture in the paper's notation, e.g. '16C3S1-2F1*(32C3S2-48C3S1)-FC10'")
