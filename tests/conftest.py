@@ -24,3 +24,14 @@ def contractive_net(arch: str = TINY_ARCH, shape=(1, 8, 8), scale: float = 0.3) 
                 net.ops[node.name].bn.weight.fill_(scale)
                 net.ops[node.name].bn.bias.fill_(0.2)
     return net.eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A tiny net trained for one epoch on digits with T = 5 (shared by the export tests)."""
+    from mpis.cli import main
+
+    out = tmp_path_factory.mktemp("run")
+    args = ["train", "--arch", TINY_ARCH, "--T", "5", "--epochs", "1", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    return out / "model.pt"

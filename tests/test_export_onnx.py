@@ -13,14 +13,6 @@ from mpis.train.data import load_dataset
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    args = ["train", "--arch", "4C3-2F1*(6C3S2-8C3)-FC10", "--T", "5", "--epochs", "1", "--quiet", "--out", str(out)]
-    assert main(args) == 0
-    return out / "model.pt"
-
-
-@pytest.fixture(scope="module")
 def test_images():
     test = load_dataset("digits").test
     return torch.stack([test[i][0] for i in range(len(test))])

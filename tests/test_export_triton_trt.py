@@ -8,14 +8,6 @@ from tritonclient.grpc import model_config_pb2
 from mpis.cli import main
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    args = ["train", "--arch", "4C3-2F1*(6C3S2-8C3)-FC10", "--T", "3", "--epochs", "1", "--quiet", "--out", str(out)]
-    assert main(args) == 0
-    return out / "model.pt"
-
-
 def test_triton_repository_config_parses_as_triton_model_config(checkpoint, tmp_path):
     repo = tmp_path / "repo"
     args = ["export", str(checkpoint), "--triton-repo", str(repo), "--name", "digits", "--with-rates",
