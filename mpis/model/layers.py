@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -17,7 +19,9 @@ def batch_statistics(y: Tensor) -> tuple[Tensor, Tensor, float]:
 
     def reduce(t: Tensor) -> Tensor:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return dist_fn.all_reduce(t, group=_statistics_group())
+            with warnings.catch_warnings():  # its deprecation names a private replacement without autograd docs
+                warnings.simplefilter("ignore", FutureWarning)
+                return dist_fn.all_reduce(t, group=_statistics_group())
         return t
 
     count = torch.tensor([float(y.numel() // y.shape[1])], device=y.device, dtype=y.dtype)
