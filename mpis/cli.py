@@ -106,7 +106,9 @@ def _export(args: argparse.Namespace) -> int:
         sample = sample.mean(1)
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = Path(args.onnx) if args.onnx else Path(scratch) / "model.onnx"
-        report = export_onnx(ckpt.net, onnx_path, iterations, args.with_rates, sample, args.overwrite)
+        report = export_onnx(
+            ckpt.net, onnx_path, iterations, args.with_rates, sample, args.overwrite, horizon=ckpt.solver_cfg.T
+        )
         print(
             f"wrote {onnx_path if args.onnx else 'the ONNX graph'}: {iterations} iterations, parity on "
             f"{report.batch} inputs: max |Δlogits| {report.max_abs_logits:.2e}, "

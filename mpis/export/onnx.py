@@ -34,11 +34,12 @@ ATOL = 1e-5
 class RateGraph(nn.Module):
     """x -> logits (and the rate of every neuron layer after the last iteration)."""
 
-    def __init__(self, net: MPISNet, iterations: int, with_rates: bool):
+    def __init__(self, net: MPISNet, iterations: int, with_rates: bool, horizon: int | None = None):
         super().__init__()
         self.net = net.folded_copy()
         self.iterations = iterations
         self.with_rates = with_rates
+        self.horizon = horizon
 
     @property
     def output_names(self) -> list[str]:
@@ -46,7 +47,7 @@ class RateGraph(nn.Module):
         return [LOGITS_NAME, *rates]
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
-        values = self.net.rate_iterations(x, self.iterations)
+        values = self.net.rate_iterations(x, self.iterations, self.horizon)
         logits = self.net.classify(values)
         if not self.with_rates:
             return logits
@@ -80,7 +81,13 @@ def check_parity(module: RateGraph, path: Path, inputs: Tensor, providers: list[
 
 
 def export_onnx(
-    net: MPISNet, path: str | Path, iterations: int, with_rates: bool, sample: Tensor, overwrite: bool = False
+    net: MPISNet,
+    path: str | Path,
+    iterations: int,
+    with_rates: bool,
+    sample: Tensor,
+    overwrite: bool = False,
+    horizon: int | None = None,
 ) -> ParityReport:
     """Write the ONNX file atomically; it appears at `path` only if it passes the checker and the parity
     check (fp32, |Δlogits| ≤ 1e-5) on `sample`. Rate and argmax differences are reported, not enforced:
@@ -99,7 +106,7 @@ def export_onnx(
         raise MpisError(f"cannot write {path}: folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
         raise MpisError(f"cannot write {path}: folder {path.parent} is not writable")
-    module = RateGraph(net, iterations, with_rates).eval()
+    module = RateGraph(net, iterations, with_rates, horizon).eval()
     reports: list[ParityReport] = []
 
     def write(tmp: str) -> None:

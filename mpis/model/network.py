@@ -150,14 +150,15 @@ class MPISNet(nn.Module):
         values = self._walk(self.loop_nodes, dict(explicit), state, self.rate_fire(masks or {}, horizon), bn)
         return {name: values[name] for name in self.graph.state}
 
-    def rate_iterations(self, x: Tensor, iterations: int) -> Values:
+    def rate_iterations(self, x: Tensor, iterations: int, horizon: int | None = None) -> Values:
         """Every node's rate after `iterations` plain iterations from the zero state (eval-mode map):
-        the graph that ONNX export unrolls and the spike runtime is checked against."""
-        values = self.explicit_rates(x)
+        the graph that ONNX export unrolls and the spike runtime is checked against. `horizon`: the T
+        over which a learned initial potential is spread (as in training), if the net has one."""
+        values = self.explicit_rates(x, horizon=horizon)
         state = self.zero_state(x.shape[0], x.device, x.dtype)
         explicit = dict(values)
         for _ in range(iterations):
-            values = self._walk(self.loop_nodes, dict(explicit), state, self.rate_fire({}), "running")
+            values = self._walk(self.loop_nodes, dict(explicit), state, self.rate_fire({}, horizon), "running")
             state = {name: values[name] for name in self.graph.state}
         return values
 
