@@ -11,6 +11,7 @@ TorchDEQ supplies the solvers and the gradient functors; the network and its sta
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ class StateLayout:
         return torch.cat([values[n].flatten(1) for n in self.names], dim=1)
 
     def unpack(self, flat: Tensor) -> Values:
-        sizes = [int(torch.tensor(s).prod()) for s in self.shapes]
+        sizes = [math.prod(s) for s in self.shapes]
         parts = torch.split(flat, sizes, dim=1)
         return {n: p.reshape(flat.shape[0], *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
 
