@@ -71,6 +71,18 @@ def _affine(node) -> nn.Linear:
     return linear
 
 
+class Flatten(nn.Module):
+    """NIR's start_dim counts from the unbatched shape; the batch axis comes first here."""
+
+    def __init__(self, start_dim: int, end_dim: int):
+        super().__init__()
+        self.start_dim = start_dim + 1 if start_dim >= 0 else start_dim
+        self.end_dim = end_dim + 1 if end_dim >= 0 else end_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(self.start_dim, self.end_dim)
+
+
 def node_map() -> dict:
     import nir
 
@@ -80,4 +92,33 @@ def node_map() -> dict:
         nir.Scale: lambda n: Scale(n.scale),
         nir.Conv2d: _conv2d,
         nir.Affine: _affine,
+        nir.Flatten: lambda n: Flatten(n.start_dim, n.end_dim),
     }
+
+
+@torch.no_grad()
+def run_nirtorch(graph, x: Tensor, steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Interpret `graph` with nirtorch for `steps` steps on a constant input; returns the final output and
+    the spike count of every `Threshold` node (by NIR node name). The independent reference for our runtime."""
+    import nir
+    import nirtorch
+
+    module = nirtorch.nir_to_torch(graph, node_map())
+    counts: dict[str, Tensor] = {}
+    by_module = {name.replace(".", "_"): name for name, node in graph.nodes.items() if isinstance(node, nir.Threshold)}
+
+    def record(name: str):
+        def hook(_module, _inputs, output):
+            # a node fed only by back-edges sees nirtorch's unbatched zeros at t = 0
+            output = output.expand(x.shape[0], *graph.nodes[name].threshold.shape)
+            counts[name] = output if name not in counts else counts[name] + output
+
+        return hook
+
+    for module_name, child in module.named_children():
+        if module_name in by_module:
+            child.register_forward_hook(record(by_module[module_name]))
+    state, output = None, None
+    for _ in range(steps):
+        output, state = module(x, state)
+    return output, counts
