@@ -161,6 +161,17 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise MpisError(f"--port must be 0..65535, got {args.port}")
+    if not args.max_body_mb > 0:
+        raise MpisError(f"--max-body-mb must be positive, got {args.max_body_mb:g}")
+    from mpis.runtime.serve import serve
+
+    serve(Path(args.repo), args.host, args.port, args.backend, not args.no_batching, int(args.max_body_mb * 2**20))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mpis", description="Train MPIS equilibrium spiking networks and export them.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -197,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     arch.add_argument("--input", type=_input_shape, default=(1, 28, 28), help="input shape C,H,W (default 1,28,28)")
     arch.add_argument("--upsample", default="transpose", choices=("transpose", "nearest"))
     arch.set_defaults(run=_arch)
+
+    serve = commands.add_parser("serve", help="serve a Triton model repository over Triton's HTTP protocol")
+    serve.add_argument("repo", help="model repository written by mpis export --triton-repo")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000, as Triton's)")
+    serve.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "onnxruntime", "tensorrt"),
+        help="auto: the ONNX models, and the TensorRT engine models too when TensorRT and CUDA are present",
+    )
+    serve.add_argument("--no-batching", action="store_true", help="one execution per request (no dynamic batching)")
+    serve.add_argument("--max-body-mb", type=float, default=64.0, help="request body size limit in MiB (default 64)")
+    serve.set_defaults(run=_serve)
     return parser
 
 

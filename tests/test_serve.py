@@ -1,0 +1,369 @@
+"""`mpis serve`: Triton's HTTP protocol checked with the official `tritonclient`, against ONNX Runtime."""
+
+import gzip
+import http.client
+import importlib.util
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import tritonclient.http as triton
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException
+
+from mpis.cli import main
+from mpis.errors import MpisError
+from mpis.runtime.serve import ModelServer, parse_pbtxt, read_model
+
+MAX_BATCH = 8
+BODY_LIMIT = 200_000
+TENSORRT_READY = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def repo(checkpoint, tmp_path_factory):
+    """REPO/digits from `mpis export --triton-repo` (logits and the rates of every layer)."""
+    repo = tmp_path_factory.mktemp("serve") / "repo"
+    args = ["export", str(checkpoint), "--triton-repo", str(repo), "--name", "digits", "--with-rates",
+            "--max-batch-size", str(MAX_BATCH), "--batch", "8"]  # fmt: skip
+    assert main(args) == 0
+    return repo
+
+
+@pytest.fixture(scope="module")
+def session(repo):
+    return ort.InferenceSession(str(repo / "digits" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    with ModelServer(repo, port=0, max_body_bytes=BODY_LIMIT) as server:
+        yield server
+
+
+@pytest.fixture
+def client(server):
+    client = triton.InferenceServerClient(server.url)
+    yield client
+    client.close()
+
+
+def images(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((rows, 1, 16, 16), dtype=np.float32)
+
+
+def infer(client, x: np.ndarray, binary_in: bool = True, outputs: list | None = None, **kwargs):
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary_in)
+    return client.infer("digits", [tensor], outputs=outputs, **kwargs)
+
+
+def copy_repo(repo, target, config_edit=None):
+    shutil.copytree(repo, target)
+    if config_edit is not None:
+        config = target / "digits" / "config.pbtxt"
+        config.write_text(config_edit(config.read_text()))
+    return target
+
+
+def test_health_and_metadata_as_triton_reports_them(client):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("digits") and client.is_model_ready("digits", "1")
+    assert not client.is_model_ready("nope") and not client.is_model_ready("digits", "2")
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    metadata = client.get_model_metadata("digits")
+    assert metadata["platform"] == "onnxruntime_onnx" and metadata["versions"] == ["1"]
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 16, 16]}]
+    assert [o["name"] for o in metadata["outputs"]][:2] == ["logits", "rate_stem1"]
+    config = client.get_model_config("digits")
+    assert config["max_batch_size"] == MAX_BATCH and config["dynamic_batching"]["max_queue_delay_microseconds"] == 100
+
+
+@pytest.mark.parametrize("binary_out", [True, False], ids=["binary-out", "json-out"])
+@pytest.mark.parametrize("binary_in", [True, False], ids=["binary-in", "json-in"])
+def test_logits_equal_onnx_runtime(client, session, binary_in, binary_out):
+    x = images(3)
+    wanted = [triton.InferRequestedOutput("logits", binary_data=binary_out)]
+    result = infer(client, x, binary_in, wanted, request_id="r-7")
+    response = result.get_response()
+    assert [o["name"] for o in response["outputs"]] == ["logits"] and response["id"] == "r-7"
+    assert ("data" in response["outputs"][0]) is not binary_out
+    np.testing.assert_array_equal(result.as_numpy("logits"), session.run(["logits"], {"input": x})[0])
+
+
+def test_every_output_by_default_and_a_chosen_one_alone(client, session):
+    x = images(2, seed=1)
+    want = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x}), strict=True))
+    result = infer(client, x)  # tritonclient asks for every output, as binary
+    for name, value in want.items():
+        np.testing.assert_array_equal(result.as_numpy(name), value)
+    alone = infer(client, x, outputs=[triton.InferRequestedOutput("rate_s2_l2")])
+    assert [o["name"] for o in alone.get_response()["outputs"]] == ["rate_s2_l2"]
+    np.testing.assert_array_equal(alone.as_numpy("rate_s2_l2"), want["rate_s2_l2"])
+
+
+def test_compressed_request_bodies(client, session):
+    x = images(2, seed=2)
+    for algorithm in ("gzip", "deflate"):
+        result = infer(client, x, request_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(result.as_numpy("logits"), session.run(["logits"], {"input": x})[0])
+
+
+def _json(entry_changes: dict | None = None, rows: int = 2, **request) -> bytes:
+    entry = {"name": "input", "shape": [rows, 1, 16, 16], "datatype": "FP32", "data": images(rows).ravel().tolist()}
+    entry.update(entry_changes or {})
+    return json.dumps({"inputs": [entry], **request}).encode()
+
+
+def _binary(x: np.ndarray, size: int | None = None, trailing: bytes = b"") -> tuple[bytes, dict]:
+    entry = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+    entry["parameters"] = {"binary_data_size": x.nbytes if size is None else size}
+    header = json.dumps({"inputs": [entry]}).encode()
+    return header + x.tobytes() + trailing, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def _with_inf() -> np.ndarray:
+    x = images(2)
+    x[1, 0, 3, 4] = np.inf
+    return x
+
+
+INFER = "/v2/models/digits/infer"
+BAD_REQUESTS = {
+    "unknown model": ("/v2/models/nope/infer", _json(), {}, 404),
+    "unknown version": ("/v2/models/digits/versions/7/infer", _json(), {}, 404),
+    "wrong input name": (INFER, _json({"name": "image"}), {}, 400),
+    "missing input": (INFER, json.dumps({"inputs": []}).encode(), {}, 400),
+    "wrong shape": (INFER, _json({"shape": [2, 1, 16, 15], "data": [0.5] * 480}), {}, 400),
+    "wrong rank": (INFER, _json({"shape": [512]}), {}, 400),
+    "wrong datatype": (INFER, _json({"datatype": "FP64"}), {}, 400),
+    "NaN in JSON data": (INFER, _json({"data": [float("nan")] * 512}), {}, 400),
+    "Inf in binary data": (INFER, *_binary(_with_inf()), 400),
+    "batch above max_batch_size": (INFER, *_binary(images(MAX_BATCH + 1)), 400),
+    "batch 0": (INFER, _json({"shape": [0, 1, 16, 16], "data": []}), {}, 400),
+    "data of the wrong length": (INFER, _json({"data": [0.5] * 100}), {}, 400),
+    "data that are not numbers": (INFER, _json({"data": ["a"] * 512}), {}, 400),
+    "unknown output": (INFER, _json(outputs=[{"name": "probabilities"}]), {}, 400),
+    "malformed JSON": (INFER, b'{"inputs": [', {}, 400),
+    "JSON that is not an object": (INFER, b"[1, 2]", {}, 400),
+    "deeply nested JSON": (INFER, b"[" * 100_000, {}, 400),
+    "header length beyond the body": (INFER, _binary(images(2))[0], {"Inference-Header-Content-Length": "99999"}, 400),
+    "header length not a number": (INFER, _binary(images(2))[0], {"Inference-Header-Content-Length": "12a"}, 400),
+    "binary data without header length": (INFER, _binary(images(2))[0], {}, 400),
+    "binary_data_size too large": (INFER, *_binary(images(2), size=4096), 400),
+    "binary data left over": (INFER, *_binary(images(2), trailing=b"\0" * 8), 400),
+    "body over the size limit": (INFER, b" " * BODY_LIMIT + _json(), {}, 400),
+    "broken gzip body": (INFER, b"not gzip", {"Content-Encoding": "gzip"}, 400),
+    "gzip bomb over the limit": (INFER, gzip.compress(b" " * (4 * BODY_LIMIT)), {"Content-Encoding": "gzip"}, 400),
+    "unsupported encoding": (INFER, _json(), {"Content-Encoding": "br"}, 400),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
+def test_bad_request_gets_its_status_and_the_server_keeps_serving(server, client, session, case):
+    path, body, headers, status = BAD_REQUESTS[case]
+    host, port = server.url.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("POST", path, body, headers)
+    response = connection.getresponse()
+    payload = json.loads(response.read())
+    connection.close()
+    assert response.status == status and isinstance(payload["error"], str) and payload["error"]
+    x = images(1, seed=3)
+    np.testing.assert_array_equal(infer(client, x).as_numpy("logits"), session.run(["logits"], {"input": x})[0])
+
+
+def test_tritonclient_sees_the_errors_with_their_status(client):
+    with pytest.raises(InferenceServerException, match="unknown model") as err:
+        client.get_model_metadata("nope")
+    assert err.value.status() == "404"
+    with pytest.raises(InferenceServerException, match="batch size 9") as err:
+        infer(client, images(MAX_BATCH + 1))
+    assert err.value.status() == "400"
+
+
+def _concurrently(url: str, batches: list[np.ndarray]) -> list[np.ndarray]:
+    """One client thread per batch, released together; returns each request's logits."""
+    results: list = [None] * len(batches)
+    start = threading.Barrier(len(batches))
+
+    def request(i: int) -> None:
+        client = triton.InferenceServerClient(url)
+        start.wait()
+        results[i] = infer(client, batches[i]).as_numpy("logits")
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def _counts(url: str) -> tuple[int, int]:
+    stats = triton.InferenceServerClient(url).get_inference_statistics("digits")["model_stats"][0]
+    return stats["inference_count"], stats["execution_count"]
+
+
+def test_dynamic_batching_joins_concurrent_requests_up_to_max_batch_size(repo, session, tmp_path):
+    delay = "max_queue_delay_microseconds: "
+    slow = copy_repo(repo, tmp_path / "repo", lambda text: text.replace(delay + "100", delay + "2000000"))
+    with ModelServer(slow, port=0) as server:
+        batches = [images(2, seed=i) for i in range(4)]  # 8 rows: one full batch, released at once
+        for x, logits in zip(batches, _concurrently(server.url, batches), strict=True):
+            np.testing.assert_allclose(logits, session.run(["logits"], {"input": x})[0], rtol=0, atol=1e-5)
+        assert _counts(server.url) == (8, 1)
+        batches = [images(5, seed=i) for i in range(2)]  # 5 + 5 > 8: never one batch, requests are not split
+        for x, logits in zip(batches, _concurrently(server.url, batches), strict=True):
+            np.testing.assert_allclose(logits, session.run(["logits"], {"input": x})[0], rtol=0, atol=1e-5)
+        assert _counts(server.url) == (18, 3)
+    with ModelServer(slow, port=0, batching=False) as server:
+        _concurrently(server.url, [images(2, seed=i) for i in range(4)])
+        assert _counts(server.url) == (8, 4)
+        assert "dynamic_batching" not in triton.InferenceServerClient(server.url).get_model_config("digits")
+
+
+def test_bounded_concurrent_load_has_no_failures(server, session):
+    clients, requests = 4, 25
+    inputs = [images(1, seed=10 + i) for i in range(clients)]
+    wanted = [session.run(["logits"], {"input": x})[0] for x in inputs]
+    failures = [0] * clients
+    before = _counts(server.url)
+
+    def run(i: int) -> None:
+        client = triton.InferenceServerClient(server.url)
+        for _ in range(requests):
+            try:
+                ok = np.allclose(infer(client, inputs[i]).as_numpy("logits"), wanted[i], rtol=0, atol=1e-5)
+            except InferenceServerException:
+                ok = False
+            failures[i] += not ok
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [0] * clients
+    assert _counts(server.url)[0] - before[0] == clients * requests
+
+
+def test_cli_serves_until_interrupted(repo):
+    command = [sys.executable, "-m", "mpis", "serve", str(repo), "--port", "0", "--no-batching"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("serving on http://127.0.0.1:") and "digits v1 (onnxruntime_onnx" in line
+        client = triton.InferenceServerClient(line.split("http://")[1].split(": ")[0])
+        assert infer(client, images(1)).as_numpy("logits").shape == (1, 10)
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and "Traceback" not in err
+
+
+def _fake_engine(repo, tmp_path):
+    """A repository with a tensorrt_plan model beside the ONNX one (the engine file is not real)."""
+    target = copy_repo(repo, tmp_path / "repo")
+    shutil.copytree(target / "digits", target / "digits_trt")
+    (target / "digits_trt" / "1" / "model.onnx").rename(target / "digits_trt" / "1" / "model.plan")
+    config = target / "digits_trt" / "config.pbtxt"
+    config.write_text(
+        config.read_text().replace('"digits"', '"digits_trt"').replace("onnxruntime_onnx", "tensorrt_plan")
+    )
+    return target
+
+
+@pytest.mark.skipif(TENSORRT_READY, reason="TensorRT and CUDA are present")
+def test_engine_models_are_left_out_without_tensorrt(repo, tmp_path):
+    with ModelServer(_fake_engine(repo, tmp_path), port=0) as server:
+        assert list(server.models) == ["digits"] and "not serving digits_trt" in server.notes[0]
+        client = triton.InferenceServerClient(server.url)
+        assert client.is_model_ready("digits") and not client.is_model_ready("digits_trt")
+
+
+def _corrupt_onnx(repo, tmp_path):
+    target = copy_repo(repo, tmp_path / "repo")
+    (target / "digits" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    return str(target)
+
+
+def _config(edit):
+    return lambda repo, tmp_path: str(copy_repo(repo, tmp_path / "repo", edit))
+
+
+def _taken_port(repo, tmp_path, holder=[]):  # noqa: B006  (keeps the socket open for the test's duration)
+    holder.append(socket.create_server(("127.0.0.1", 0)))
+    return f"{repo} --port {holder[-1].getsockname()[1]}"
+
+
+STARTUP_ERRORS = {
+    "missing repository": (lambda repo, tmp_path: str(tmp_path / "nowhere"), "does not exist"),
+    "empty repository": (lambda repo, tmp_path: str(tmp_path), "holds no model"),
+    "corrupt ONNX file": (_corrupt_onnx, "ONNX Runtime cannot load"),
+    "config syntax error": (_config(lambda text: text.replace("}", "", 1)), "config.pbtxt"),
+    "config unlike the model": (_config(lambda text: text.replace("1, 16, 16", "1, 16, 15")), "config says input"),
+    "config of another platform": (
+        _config(lambda text: text.replace("onnxruntime_onnx", "pytorch_libtorch")),
+        "not served",
+    ),  # fmt: skip
+    "port in use": (_taken_port, "cannot listen on 127.0.0.1"),
+    "bad port": (lambda repo, tmp_path: f"{repo} --port 70000", "--port"),
+    "no engine for --backend tensorrt": (lambda repo, tmp_path: f"{repo} --backend tensorrt", "no tensorrt_plan"),
+}
+if not TENSORRT_READY:
+    STARTUP_ERRORS["--backend tensorrt without TensorRT or CUDA"] = (
+        lambda repo, tmp_path: f"{_fake_engine(repo, tmp_path)} --backend tensorrt",
+        "TensorRT",
+    )
+
+
+@pytest.mark.parametrize("case", STARTUP_ERRORS, ids=list(STARTUP_ERRORS))
+def test_startup_errors_are_one_line(repo, tmp_path, capsys, case):
+    make, words = STARTUP_ERRORS[case]
+    assert main(["serve", *make(repo, tmp_path).split()]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mpis: error: ") and words in err[0], err
+
+
+HAND_WRITTEN = r"""
+# comments, repeated blocks, the `backend:` form, angle brackets, fields mpis does not use
+name: "hand"
+backend: "onnxruntime"
+max_batch_size: 4
+input { name: "input", data_type: TYPE_FP32, dims: [1, 16, 16] }
+output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] } ]
+dynamic_batching < max_queue_delay_microseconds: 2500 preferred_batch_size: [2, 4] >
+instance_group [ { count: 1 kind: KIND_CPU } ]
+parameters { key: "note" value: { string_value: "a \"quoted\" value" } }
+"""
+
+
+def test_config_reader_agrees_with_tritons_own_protobuf(repo, tmp_path):
+    (tmp_path / "hand" / "1").mkdir(parents=True)
+    (tmp_path / "hand" / "config.pbtxt").write_text(HAND_WRITTEN)
+    (tmp_path / "hand" / "1" / "model.onnx").write_bytes(b"")
+    for folder in (repo / "digits", tmp_path / "hand"):
+        want = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        got = read_model(folder)
+        assert got.name == want.name and got.max_batch_size == want.max_batch_size
+        assert [(t.name, list(t.dims)) for t in got.inputs] == [(t.name, list(t.dims)) for t in want.input]
+        assert [(t.name, list(t.dims)) for t in got.outputs] == [(t.name, list(t.dims)) for t in want.output]
+        assert got.queue_delay_s == pytest.approx(want.dynamic_batching.max_queue_delay_microseconds * 1e-6)
+    assert read_model(tmp_path / "hand").platform == "onnxruntime_onnx"
+    assert parse_pbtxt(HAND_WRITTEN)["parameters"][0]["value"][0]["string_value"] == ['a "quoted" value']
+    for broken in ('name: "x', "input {", "}", "dims: [1, 2", "max_batch_size:"):
+        with pytest.raises(ValueError):
+            parse_pbtxt(broken)
+    with pytest.raises(MpisError, match="no version folder"):
+        (tmp_path / "hand" / "1" / "model.onnx").unlink()
+        read_model(tmp_path / "hand")
