@@ -172,6 +172,34 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from torch.utils.data import Subset
+
+    from mpis.export.nir_nodes import read_nir
+    from mpis.runtime.simulate import compile_graph, evaluate
+    from mpis.train.data import load_dataset
+
+    for flag, value in (("--T", args.T), ("--batch", args.batch), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise MpisError(f"{flag} must be >= 1, got {value}")
+    graph = read_nir(args.nir)
+    steps = args.T or int(graph.metadata.get("T", 0))
+    if steps < 1:
+        raise MpisError(f"{args.nir} records no time steps T; pass --T")
+    program = compile_graph(graph, args.device, args.reset)
+    dataset = args.dataset or str(graph.metadata.get("dataset") or "digits")
+    split = load_dataset(dataset, args.data_dir, frames=steps)
+    if tuple(split.input_shape) != program.input_shape:
+        shape, expected = ("x".join(map(str, s)) for s in (split.input_shape, program.input_shape))
+        raise MpisError(f"{dataset} inputs are {shape}, but the graph's Input takes {expected}")
+    test = split.test if args.limit is None else Subset(split.test, range(min(args.limit, len(split.test))))
+    resets = ", ".join(sorted(set(program.resets.values())))
+    print(f"{args.nir}: {dataset} test set, T = {steps}, {program.device}" + f"; IF/LIF reset: {resets}" * bool(resets))
+    for line in evaluate(program, test, steps, args.batch, split.classes).lines():
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mpis", description="Train MPIS equilibrium spiking networks and export them.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -222,6 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-batching", action="store_true", help="one execution per request (no dynamic batching)")
     serve.add_argument("--max-body-mb", type=float, default=64.0, help="request body size limit in MiB (default 64)")
     serve.set_defaults(run=_serve)
+
+    simulate = commands.add_parser("simulate", help="run a NIR graph as a spiking network on a dataset's test set")
+    simulate.add_argument("nir", help="a .nir file (mpis export --nir, or any graph of the supported nodes)")
+    simulate.add_argument("--dataset", help="dataset whose test set is simulated (default: the file's, else digits)")
+    simulate.add_argument("--data-dir", help="folder with the dataset's standard files (not needed for digits)")
+    simulate.add_argument("--T", type=int, help="time steps (default: the T recorded in the file)")
+    simulate.add_argument("--batch", type=int, default=256, help="inputs simulated at once (default 256)")
+    simulate.add_argument("--limit", type=int, help="simulate only the first N test inputs")
+    simulate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    simulate.add_argument(
+        "--reset",
+        choices=("subtract", "zero"),
+        help="reset of IF/LIF nodes (default: each node's metadata, else the NIR spec's reset to v_reset); "
+        "zero shows what a toolchain that follows the NIR spec literally does with a compact file",
+    )
+    simulate.set_defaults(run=_simulate)
     return parser
 
 
