@@ -1,5 +1,6 @@
 """`mpis serve`: Triton's HTTP protocol checked with the official `tritonclient`, against ONNX Runtime."""
 
+import contextlib
 import gzip
 import http.client
 import importlib.util
@@ -67,6 +68,17 @@ def infer(client, x: np.ndarray, binary_in: bool = True, outputs: list | None = 
     return client.infer("digits", [tensor], outputs=outputs, **kwargs)
 
 
+def send(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    """A raw HTTP request (for what tritonclient would refuse to send); returns the status and the JSON body."""
+    host, port = server.url.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request(method, path, body, headers or {})
+    response = connection.getresponse()
+    payload = json.loads(response.read() or b"{}")
+    connection.close()
+    return response.status, payload
+
+
 def copy_repo(repo, target, config_edit=None):
     shutil.copytree(repo, target)
     if config_edit is not None:
@@ -75,7 +87,7 @@ def copy_repo(repo, target, config_edit=None):
     return target
 
 
-def test_health_and_metadata_as_triton_reports_them(client):
+def test_health_and_metadata_as_triton_reports_them(server, client):
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("digits") and client.is_model_ready("digits", "1")
     assert not client.is_model_ready("nope") and not client.is_model_ready("digits", "2")
@@ -86,6 +98,9 @@ def test_health_and_metadata_as_triton_reports_them(client):
     assert [o["name"] for o in metadata["outputs"]][:2] == ["logits", "rate_stem1"]
     config = client.get_model_config("digits")
     assert config["max_batch_size"] == MAX_BATCH and config["dynamic_batching"]["max_queue_delay_microseconds"] == 100
+    assert [s["name"] for s in client.get_inference_statistics()["model_stats"]] == ["digits"]
+    status, payload = send(server, "GET", "/v2/nowhere")
+    assert status == 404 and payload["error"]
 
 
 @pytest.mark.parametrize("binary_out", [True, False], ids=["binary-out", "json-out"])
@@ -116,6 +131,15 @@ def test_compressed_request_bodies(client, session):
     for algorithm in ("gzip", "deflate"):
         result = infer(client, x, request_compression_algorithm=algorithm)
         np.testing.assert_array_equal(result.as_numpy("logits"), session.run(["logits"], {"input": x})[0])
+
+
+def test_json_data_may_be_nested(server, session):
+    x = images(2, seed=4)
+    entry = {"name": "input", "shape": [2, 1, 16, 16], "datatype": "FP32", "data": x.tolist()}
+    status, payload = send(server, "POST", "/v2/models/digits/infer", json.dumps({"inputs": [entry]}).encode())
+    assert status == 200 and payload["outputs"][0]["shape"] == [2, 10]
+    logits = np.array([o["data"] for o in payload["outputs"] if o["name"] == "logits"][0], dtype=np.float32)
+    np.testing.assert_array_equal(logits.reshape(2, 10), session.run(["logits"], {"input": x})[0])
 
 
 def _json(entry_changes: dict | None = None, rows: int = 2, **request) -> bytes:
@@ -171,13 +195,8 @@ BAD_REQUESTS = {
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
 def test_bad_request_gets_its_status_and_the_server_keeps_serving(server, client, session, case):
     path, body, headers, status = BAD_REQUESTS[case]
-    host, port = server.url.rsplit(":", 1)
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    connection.request("POST", path, body, headers)
-    response = connection.getresponse()
-    payload = json.loads(response.read())
-    connection.close()
-    assert response.status == status and isinstance(payload["error"], str) and payload["error"]
+    got, payload = send(server, "POST", path, body, headers)
+    assert got == status and isinstance(payload["error"], str) and payload["error"]
     x = images(1, seed=3)
     np.testing.assert_array_equal(infer(client, x).as_numpy("logits"), session.run(["logits"], {"input": x})[0])
 
@@ -189,6 +208,18 @@ def test_tritonclient_sees_the_errors_with_their_status(client):
     with pytest.raises(InferenceServerException, match="batch size 9") as err:
         infer(client, images(MAX_BATCH + 1))
     assert err.value.status() == "400"
+
+
+def test_a_failing_backend_is_a_500_and_the_server_keeps_serving(repo, session):
+    with ModelServer(repo, port=0) as server:
+        batcher = server.models["digits"].batcher
+        healthy, batcher._run = batcher._run, lambda inputs: 1 / 0
+        status, payload = send(server, "POST", INFER, _json())
+        assert status == 500 and "inference failed" in payload["error"]
+        batcher._run = healthy
+        x = images(1)
+        logits = infer(triton.InferenceServerClient(server.url), x).as_numpy("logits")
+        np.testing.assert_array_equal(logits, session.run(["logits"], {"input": x})[0])
 
 
 def _concurrently(url: str, batches: list[np.ndarray]) -> list[np.ndarray]:
@@ -291,24 +322,24 @@ def test_engine_models_are_left_out_without_tensorrt(repo, tmp_path):
         assert client.is_model_ready("digits") and not client.is_model_ready("digits_trt")
 
 
-def _corrupt_onnx(repo, tmp_path):
+def _corrupt_onnx(repo, tmp_path, stack):
     target = copy_repo(repo, tmp_path / "repo")
     (target / "digits" / "1" / "model.onnx").write_bytes(b"not an onnx file")
     return str(target)
 
 
 def _config(edit):
-    return lambda repo, tmp_path: str(copy_repo(repo, tmp_path / "repo", edit))
+    return lambda repo, tmp_path, stack: str(copy_repo(repo, tmp_path / "repo", edit))
 
 
-def _taken_port(repo, tmp_path, holder=[]):  # noqa: B006  (keeps the socket open for the test's duration)
-    holder.append(socket.create_server(("127.0.0.1", 0)))
-    return f"{repo} --port {holder[-1].getsockname()[1]}"
+def _taken_port(repo, tmp_path, stack):
+    taken = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+    return f"{repo} --port {taken.getsockname()[1]}"
 
 
 STARTUP_ERRORS = {
-    "missing repository": (lambda repo, tmp_path: str(tmp_path / "nowhere"), "does not exist"),
-    "empty repository": (lambda repo, tmp_path: str(tmp_path), "holds no model"),
+    "missing repository": (lambda repo, tmp_path, stack: str(tmp_path / "nowhere"), "does not exist"),
+    "empty repository": (lambda repo, tmp_path, stack: str(tmp_path), "holds no model"),
     "corrupt ONNX file": (_corrupt_onnx, "ONNX Runtime cannot load"),
     "config syntax error": (_config(lambda text: text.replace("}", "", 1)), "config.pbtxt"),
     "config unlike the model": (_config(lambda text: text.replace("1, 16, 16", "1, 16, 15")), "config says input"),
@@ -317,12 +348,15 @@ STARTUP_ERRORS = {
         "not served",
     ),  # fmt: skip
     "port in use": (_taken_port, "cannot listen on 127.0.0.1"),
-    "bad port": (lambda repo, tmp_path: f"{repo} --port 70000", "--port"),
-    "no engine for --backend tensorrt": (lambda repo, tmp_path: f"{repo} --backend tensorrt", "no tensorrt_plan"),
+    "bad port": (lambda repo, tmp_path, stack: f"{repo} --port 70000", "--port"),
+    "no engine for --backend tensorrt": (
+        lambda repo, tmp_path, stack: f"{repo} --backend tensorrt",
+        "no tensorrt_plan",
+    ),
 }
 if not TENSORRT_READY:
     STARTUP_ERRORS["--backend tensorrt without TensorRT or CUDA"] = (
-        lambda repo, tmp_path: f"{_fake_engine(repo, tmp_path)} --backend tensorrt",
+        lambda repo, tmp_path, stack: f"{_fake_engine(repo, tmp_path)} --backend tensorrt",
         "TensorRT",
     )
 
@@ -330,7 +364,8 @@ if not TENSORRT_READY:
 @pytest.mark.parametrize("case", STARTUP_ERRORS, ids=list(STARTUP_ERRORS))
 def test_startup_errors_are_one_line(repo, tmp_path, capsys, case):
     make, words = STARTUP_ERRORS[case]
-    assert main(["serve", *make(repo, tmp_path).split()]) == 2
+    with contextlib.ExitStack() as stack:
+        assert main(["serve", *make(repo, tmp_path, stack).split()]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mpis: error: ") and words in err[0], err
 
