@@ -17,7 +17,8 @@ Node semantics (dt = 1, Euler steps of the NIR equations; `x` is the summed inpu
   LI         v += (1/τ)·((r·x + v_leak) − v), output v (v starts at v_leak)
   Conv2d, SumPool2d, AvgPool2d, Flatten as NIR defines them; Flatten's dims count from the unbatched shape.
 Reset of IF/LIF: `zero` (the NIR spec: v = v_reset where it spiked; IF starts at v_reset) or `subtract`
-(v −= v_threshold where it spiked; v starts at the node's metadata `v_init`, the mpis `compact` flavour).
+(v −= v_threshold where it spiked; v starts at the node's metadata `v_init`, else as above: the mpis
+`compact` flavour).
 By default each node follows its metadata (`"reset": "subtract"`), else the spec.
 
 The mpis `exact` neuron, I ⇄ Threshold with Scale feedback (reset by subtraction, §2; leak), runs as one
@@ -85,6 +86,18 @@ def _reachable(start: str, successors: dict[str, list[str]]) -> set[str]:
     return seen
 
 
+def _edges(graph) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(sources, targets) of every node, duplicate edges dropped."""
+    sources: dict[str, list[str]] = {n: [] for n in graph.nodes}
+    targets: dict[str, list[str]] = {n: [] for n in graph.nodes}
+    for a, b in dict.fromkeys((str(a), str(b)) for a, b in graph.edges):
+        if a not in targets or b not in sources:
+            raise MpisError(f"edge {a} -> {b} names a node the graph does not have")
+        targets[a].append(b)
+        sources[b].append(a)
+    return sources, targets
+
+
 def schedule(graph) -> tuple[str, tuple[Step, ...], str]:
     """(Input node, the steps of every other node in execution order, Output node), as nirtorch 2.6's
     `_construct_fx_graph` orders them (module docstring); a cycle without a node that sums two or more
@@ -98,22 +111,17 @@ def schedule(graph) -> tuple[str, tuple[Step, ...], str]:
         raise MpisError(
             f"the graph needs exactly one Input and one Output node; it has {len(inputs)} and {len(outputs)}"
         )
-    edges = list(dict.fromkeys((str(a), str(b)) for a, b in graph.edges))
-    successors: dict[str, list[str]] = {n: [] for n in names}
-    sources: dict[str, list[str]] = {n: [] for n in names}
-    for a, b in edges:
-        if a not in successors or b not in successors:
-            raise MpisError(f"edge {a} -> {b} names a node the graph does not have")
-        successors[a].append(b)
-        sources[b].append(a)
+    sources, successors = _edges(graph)
     original = {_sanitize(n): n for n in names}
-    sanitized = [(_sanitize(a), _sanitize(b)) for a, b in edges]
+    sanitized = [(_sanitize(str(a)), _sanitize(str(b))) for a, b in graph.edges]  # nirtorch's edge list, in order
 
     def summation_order(name: str) -> list[str]:
         # nirtorch iterates a set of (source, target) edges: replay it for the same order of the sum
         target = _sanitize(name)
         return [original[a] for a, _ in set(filter(lambda edge: edge[1] == target, sanitized))]
 
+    if not sources[outputs[0]]:
+        raise MpisError(f"the Output node {outputs[0]!r} has no inputs")
     queue = deque(names[names.index(inputs[0]) :] + names[: names.index(inputs[0])])  # Input first
     queue.popleft()
     queue.remove(outputs[0])  # always last
@@ -136,7 +144,7 @@ def schedule(graph) -> tuple[str, tuple[Step, ...], str]:
         if not ready:
             queue.append(name)
             stalled += 1
-            if stalled > len(queue):
+            if stalled >= len(queue):  # every waiting node deferred since the last progress
                 raise MpisError(
                     f"cannot order nodes {', '.join(sorted(queue))}: they form a cycle in which no node sums two "
                     f"or more inputs (a back-edge is read one step late only into such a node)"
@@ -540,11 +548,7 @@ def compile_graph(graph, device: str | torch.device = "cpu", reset: str | None =
         raise MpisError(f"unsupported NIR node type(s): {listed}; this runtime simulates {', '.join(SUPPORTED)}")
 
     input_node, steps, output_node = schedule(graph)
-    sources: dict[str, list[str]] = {n: [] for n in graph.nodes}
-    targets: dict[str, list[str]] = {n: [] for n in graph.nodes}
-    for a, b in dict.fromkeys((str(a), str(b)) for a, b in graph.edges):
-        sources[b].append(a)
-        targets[a].append(b)
+    sources, targets = _edges(graph)
     neurons = _find_neurons(graph, sources, targets)
     fused = {n.threshold for n in neurons.values()} | {s for n in neurons.values() for s in n.feedback}
     slots = {input_node: 0}
@@ -559,6 +563,7 @@ def compile_graph(graph, device: str | torch.device = "cpu", reset: str | None =
         kind = type(node).__name__
         if name in fused:
             continue
+        terms = tuple((slots[s], p) for s, p in step.inputs)
         if name in neurons:
             op = _neuron_op(neurons[name], graph, slots, step, device)
             spiking.append(neurons[name].threshold)
@@ -568,10 +573,10 @@ def compile_graph(graph, device: str | torch.device = "cpu", reset: str | None =
                 resets[name] = _reset_mode(node, reset)
                 v_init = node.metadata.get("v_init") if resets[name] == "subtract" else None
             fn = _STATEFUL[kind](node, device, resets.get(name), v_init)
-            op = _stateful(slots[name], tuple((slots[s], p) for s, p in step.inputs), fn, _shape(node), name, kind)
+            op = _stateful(slots[name], terms, fn, _shape(node), name, kind)
         else:
             fn = _STATELESS[kind](node, device)
-            op = _stateless(slots[name], tuple((slots[s], p) for s, p in step.inputs), fn, _shape(node), name, kind)
+            op = _stateless(slots[name], terms, fn, _shape(node), name, kind)
         if kind in SPIKING:
             spiking.append(name)
         names[op] = name
@@ -647,17 +652,10 @@ def firing_rate(count: Tensor, steps: int) -> float:
     return float(count.double().mean()) / steps
 
 
-def _targets(graph) -> dict[str, list[str]]:
-    targets: dict[str, list[str]] = {n: [] for n in graph.nodes}
-    for a, b in dict.fromkeys((str(a), str(b)) for a, b in graph.edges):
-        targets[a].append(b)
-    return targets
-
-
 def fan_out(program: Program) -> dict[str, Tensor]:
     """Synapses leaving each neuron of every spiking node (unbatched node shape): the nonzero weights of the
     Conv2d / Affine / Linear nodes (and the pooling windows) it feeds, directly or through Flatten."""
-    graph, shapes, targets = program.graph, program.node_shapes(), _targets(program.graph)
+    graph, shapes, targets = program.graph, program.node_shapes(), _edges(program.graph)[1]
 
     def synapses(name: str, x: Tensor) -> Tensor:
         total = x.new_zeros(())
@@ -670,7 +668,7 @@ def fan_out(program: Program) -> dict[str, Tensor]:
                 total = total + F.conv2d(x, mask, None, *_conv_geometry(node)).sum()
             elif kind in ("Affine", "Linear"):
                 total = total + F.linear(x, _array(np.asarray(node.weight) != 0, x.device)).sum()
-            elif kind in ("SumPool2d", "AvgPool2d"):
+            elif kind in SYNAPTIC:  # pooling: a window of unit synapses
                 total = total + _pool(1)(node, x.device)(x).sum()
         return total
 
