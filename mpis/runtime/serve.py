@@ -210,7 +210,9 @@ class OnnxRuntimeModel:
         available = ort.get_available_providers()
         self.providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:
-            self.session = ort.InferenceSession(str(spec.path), providers=self.providers)
+            options = ort.SessionOptions()  # idle ORT threads must not spin: the HTTP loop needs those cores
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.session = ort.InferenceSession(str(spec.path), options, providers=self.providers)
         except Exception as err:  # ONNX Runtime raises its own types for unreadable or invalid files
             raise MpisError(f"model {spec.name}: ONNX Runtime cannot load {spec.path}: {_first_line(err)}") from None
         _check_names(spec, [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
