@@ -206,7 +206,7 @@ def test_synaptic_ops_count_spikes_times_nonzero_fan_out():
     result = program.run(torch.rand(2, 1, 3, 3, generator=torch.Generator().manual_seed(0)), 10)
     counts = result.spike_counts["n.spikes"]
     assert torch.equal(synaptic_ops(program, result.spike_counts), (counts[:, 0] * fan).sum((1, 2)).double())
-    assert dense_macs(program) == 9 * 9 + 2 * 9
+    assert dense_macs(program) == 49 + 17 == fan.sum()  # every synapse once: the conv's in-bounds taps, the head
 
 
 # ---- bad input: one clear error ------------------------------------------------------------------------

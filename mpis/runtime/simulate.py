@@ -58,7 +58,6 @@ SUPPORTED = (
     "AvgPool2d",
 )
 SPIKING = ("Threshold", "IF", "LIF")
-SYNAPTIC = ("Conv2d", "Affine", "Linear", "SumPool2d", "AvgPool2d")
 
 
 # ---- schedule ---------------------------------------------------------------------------------
@@ -652,6 +651,21 @@ def firing_rate(count: Tensor, steps: int) -> float:
     return float(count.double().mean()) / steps
 
 
+def _synapses(node, device) -> Callable[[Tensor], Tensor] | None:
+    """A weight node's map with each nonzero weight set to 1 (a pooling window as it is): applied to ones,
+    it counts synapses. None for nodes without synapses."""
+    kind = type(node).__name__
+    if kind == "Conv2d":
+        mask, geometry = _array(np.asarray(node.weight) != 0, device), _conv_geometry(node)
+        return lambda x: F.conv2d(x, mask, None, *geometry)
+    if kind in ("Affine", "Linear"):
+        mask = _array(np.asarray(node.weight) != 0, device)
+        return lambda x: F.linear(x, mask)
+    if kind in ("SumPool2d", "AvgPool2d"):
+        return _pool(1)(node, device)
+    return None
+
+
 def fan_out(program: Program) -> dict[str, Tensor]:
     """Synapses leaving each neuron of every spiking node (unbatched node shape): the nonzero weights of the
     Conv2d / Affine / Linear nodes (and the pooling windows) it feeds, directly or through Flatten."""
@@ -660,16 +674,12 @@ def fan_out(program: Program) -> dict[str, Tensor]:
     def synapses(name: str, x: Tensor) -> Tensor:
         total = x.new_zeros(())
         for target in targets[name]:
-            node, kind = graph.nodes[target], type(graph.nodes[target]).__name__
-            if kind == "Flatten":
+            node = graph.nodes[target]
+            op = _synapses(node, x.device)
+            if op is not None:
+                total = total + op(x).sum()
+            elif type(node).__name__ == "Flatten":
                 total = total + synapses(target, _flatten(node, None)(x))
-            elif kind == "Conv2d":
-                mask = _array(np.asarray(node.weight) != 0, x.device)
-                total = total + F.conv2d(x, mask, None, *_conv_geometry(node)).sum()
-            elif kind in ("Affine", "Linear"):
-                total = total + F.linear(x, _array(np.asarray(node.weight) != 0, x.device)).sum()
-            elif kind in SYNAPTIC:  # pooling: a window of unit synapses
-                total = total + _pool(1)(node, x.device)(x).sum()
         return total
 
     result = {}
@@ -693,17 +703,16 @@ def synaptic_ops(program: Program, spike_counts: dict[str, Tensor]) -> Tensor:
 
 
 def dense_macs(program: Program) -> int:
-    """Multiply-accumulates per input of one dense evaluation of every weight node (the rate graph's step,
-    zero taps included)."""
-    shapes, total = program.node_shapes(), 0
-    for name, node in program.graph.nodes.items():
-        kind = type(node).__name__
-        if kind == "Conv2d":
-            total += int(np.prod(shapes[name])) * int(np.prod(np.asarray(node.weight).shape[1:]))
-        elif kind in ("Affine", "Linear"):
-            total += int(np.asarray(node.weight).size)
-        elif kind in ("SumPool2d", "AvgPool2d"):
-            total += int(np.prod(shapes[name])) * int(np.prod(_pair(node.kernel_size)))
+    """Multiply-accumulates per input of one dense rate step: every synapse of every weight node once (zero
+    weights and padding, e.g. of a polyphase layout, are no synapses)."""
+    shapes, sources = program.node_shapes(), _edges(program.graph)[0]
+    total = 0
+    with torch.inference_mode():
+        for name, node in program.graph.nodes.items():
+            op = _synapses(node, program.device)
+            if op is not None:
+                ones = torch.ones(1, *shapes[sources[name][0]], device=program.device)
+                total += int(op(ones).sum())
     return total
 
 
@@ -724,16 +733,15 @@ class Evaluation:
     def lines(self) -> list[str]:
         dense = self.steps * self.dense_macs
         out = [
-            f"accuracy {self.accuracy:.4f} on {self.inputs} inputs (spiking, T = {self.steps}; "
-            f"{self.seconds:.1f} s, {1e3 * self.seconds / self.steps:.1f} ms per step)",
+            f"accuracy {self.accuracy:.4f} on {self.inputs} inputs (spiking, T = {self.steps}; {self.seconds:.1f} s)",
             "firing rate r_l = s_l / (T·n_l):",
         ]
         width = max((len(name) for name in self.rates), default=0)
         out += [f"  {n:<{width}}  {'x'.join(map(str, s)):<12} {r:.4f}" for n, (s, r) in self.rates.items()]
         share = f"{self.synaptic_ops / dense:.2%}" if dense else "n/a"
         out.append(
-            f"synaptic ops {self.synaptic_ops:.3g} per input (spikes x fan-out) vs {dense:.3g} dense MACs "
-            f"(T x {self.dense_macs:.3g} per rate step): {share}"
+            f"synaptic ops {self.synaptic_ops:.3g} per input (spikes x fan-out) vs {dense:.3g} MACs of T dense "
+            f"rate steps (T x {self.dense_macs:.3g} synapses): {share}"
         )
         return out
 
