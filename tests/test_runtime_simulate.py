@@ -92,9 +92,12 @@ def test_event_frames_are_played_frame_t_times_frames_over_T():
 
 
 # ---- the independent interpreters -------------------------------------------------------------------
-@pytest.mark.parametrize("batch", [1, 3])
-def test_same_spikes_and_logits_as_nirtorch_on_an_exported_mpis_graph(tmp_path, batch):
-    graph, net = exported_graph(tmp_path)  # polyphase convs, Trans back-edges, reset loops, Flatten, Affine
+@pytest.mark.parametrize(("batch", "leak"), [(1, 1.0), (3, 1.0), (2, 0.9)])
+def test_same_spikes_and_logits_as_nirtorch_on_an_exported_mpis_graph(tmp_path, batch, leak):
+    # polyphase convs, Trans back-edges, reset (and leak) feedback loops, Flatten, Affine
+    graph, net = exported_graph(
+        tmp_path, contractive_net() if leak == 1.0 else MPISNet(TINY_ARCH, (1, 8, 8), leak=leak)
+    )
     x = torch.rand(batch, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     result = compile_graph(graph).run(x, 12)
     logits, counts = run_nirtorch(graph, x, 12)
