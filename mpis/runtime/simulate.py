@@ -450,7 +450,7 @@ class SimResult:
 class Program:
     """A NIR graph compiled for `device`: the nirtorch schedule as a list of vectorised ops."""
 
-    graph: object
+    graph: object = field(repr=False)
     device: torch.device
     input_node: str
     output_node: str
