@@ -70,6 +70,9 @@ def test_compact_if_follows_its_metadata_and_zero_reset_shows_the_spec_reading()
     nodes, edges = subtract_reset_if("layer", (1,), vth=1.0, v_init=0.5)
     exact = compile_graph(with_io(nodes, edges, "layer.i", "layer.spikes", (1,)))
     assert spike_train(exact, "layer.spikes", 0.375, 9) == [0, 1, 1, 1, 2, 2, 3, 3, 3]
+    in_float64 = compile_graph(graph, dtype=torch.float64)
+    assert in_float64.run(torch.full((1, 1), 0.375), 2).spike_counts["layer"].dtype == torch.float64
+    assert spike_train(in_float64, "layer", 0.375, 9) == [0, 1, 1, 1, 2, 2, 3, 3, 3]
 
 
 def test_a_back_edge_reads_the_previous_step():

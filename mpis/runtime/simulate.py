@@ -58,6 +58,7 @@ SUPPORTED = (
     "AvgPool2d",
 )
 SPIKING = ("Threshold", "IF", "LIF")
+SYNAPTIC = ("Conv2d", "Affine", "Linear", "SumPool2d", "AvgPool2d")
 
 
 # ---- schedule ---------------------------------------------------------------------------------
@@ -163,8 +164,9 @@ Op = Callable[[list, list, list, list], None]
 Terms = tuple[tuple[int, bool], ...]
 
 
-def _array(value, device) -> Tensor:
-    return torch.as_tensor(np.asarray(value, dtype=np.float32), device=device)
+def _array(value, like: Tensor) -> Tensor:
+    """A node parameter as a tensor on `like`'s device, in its dtype."""
+    return torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=like.dtype, device=like.device)
 
 
 def _uniform(value) -> float | None:
@@ -234,42 +236,42 @@ def _conv_geometry(node) -> tuple:
     return stride, padding, _pair(node.dilation), int(node.groups)
 
 
-def _conv2d(node, device) -> Callable[[Tensor], Tensor]:
-    weight, bias = _array(node.weight, device), _array(node.bias, device)
+def _conv2d(node, like) -> Callable[[Tensor], Tensor]:
+    weight, bias = _array(node.weight, like), _array(node.bias, like)
     if bias.dim() == 0:
         bias = bias.expand(weight.shape[0]).contiguous()
     geometry = _conv_geometry(node)
     return lambda x: F.conv2d(x, weight, bias, *geometry)
 
 
-def _affine(node, device) -> Callable[[Tensor], Tensor]:
-    weight, bias = _array(node.weight, device), _array(node.bias, device)
+def _affine(node, like) -> Callable[[Tensor], Tensor]:
+    weight, bias = _array(node.weight, like), _array(node.bias, like)
     return lambda x: F.linear(x, weight, bias)
 
 
-def _linear(node, device) -> Callable[[Tensor], Tensor]:
-    weight = _array(node.weight, device)
+def _linear(node, like) -> Callable[[Tensor], Tensor]:
+    weight = _array(node.weight, like)
     return lambda x: F.linear(x, weight)
 
 
-def _flatten(node, device) -> Callable[[Tensor], Tensor]:
+def _flatten(node, like) -> Callable[[Tensor], Tensor]:
     start = int(node.start_dim) + 1 if int(node.start_dim) >= 0 else int(node.start_dim)
     end = int(node.end_dim) + 1 if int(node.end_dim) >= 0 else int(node.end_dim)
     return lambda x: x.flatten(start, end)
 
 
-def _scale(node, device) -> Callable[[Tensor], Tensor]:
-    scale = _array(node.scale, device)
+def _scale(node, like) -> Callable[[Tensor], Tensor]:
+    scale = _array(node.scale, like)
     return lambda x: x * scale
 
 
-def _threshold(node, device) -> Callable[[Tensor], Tensor]:
-    threshold = _array(node.threshold, device)
+def _threshold(node, like) -> Callable[[Tensor], Tensor]:
+    threshold = _array(node.threshold, like)
     return lambda x: torch.gt(x, threshold, out=torch.empty_like(x))
 
 
 def _pool(divisor: int | None):
-    def build(node, device) -> Callable[[Tensor], Tensor]:
+    def build(node, like) -> Callable[[Tensor], Tensor]:
         kernel, stride, padding = _pair(node.kernel_size), _pair(node.stride), _pair(node.padding)
         return lambda x: F.avg_pool2d(x, kernel, stride, padding, divisor_override=divisor)
 
@@ -288,9 +290,9 @@ _STATELESS = {
 }
 
 
-# Stateful nodes: (node, device, reset, v_init) -> fn(x, v) -> (output, v).
-def _integrator(node, device, reset: str | None, v_init):
-    r = None if _ones(node.r) else _array(node.r, device)
+# Stateful nodes: (node, like, reset, v_init) -> fn(x, v) -> (output, v).
+def _integrator(node, like, reset: str | None, v_init):
+    r = None if _ones(node.r) else _array(node.r, like)
 
     def step(x: Tensor, v: Tensor | None):
         x = x if r is None else r * x
@@ -300,13 +302,13 @@ def _integrator(node, device, reset: str | None, v_init):
     return step
 
 
-def _leaky(node, device, reset: str | None, v_init):
+def _leaky(node, like, reset: str | None, v_init):
     """LIF (reset given) or LI (reset None): v += (1/τ)·((r·x + v_leak) − v), as Norse's LIF box cell."""
-    r = None if _ones(node.r) else _array(node.r, device)
-    k, v_leak = 1.0 / _array(node.tau, device), _array(node.v_leak, device)
-    threshold = None if reset is None else _array(node.v_threshold, device)
-    v_reset = None if reset is None else _array(node.v_reset, device)
-    v0 = v_leak if v_init is None else _array(v_init, device)
+    r = None if _ones(node.r) else _array(node.r, like)
+    k, v_leak = 1.0 / _array(node.tau, like), _array(node.v_leak, like)
+    threshold = None if reset is None else _array(node.v_threshold, like)
+    v_reset = None if reset is None else _array(node.v_reset, like)
+    v0 = v_leak if v_init is None else _array(v_init, like)
 
     def step(x: Tensor, v: Tensor | None):
         x = x if r is None else r * x
@@ -321,10 +323,10 @@ def _leaky(node, device, reset: str | None, v_init):
     return step
 
 
-def _if(node, device, reset: str, v_init):
-    r = None if _ones(node.r) else _array(node.r, device)
-    threshold, v_reset = _array(node.v_threshold, device), _array(node.v_reset, device)
-    v0 = v_reset if v_init is None else _array(v_init, device)
+def _if(node, like, reset: str, v_init):
+    r = None if _ones(node.r) else _array(node.r, like)
+    threshold, v_reset = _array(node.v_threshold, like), _array(node.v_reset, like)
+    v0 = v_reset if v_init is None else _array(v_init, like)
 
     def step(x: Tensor, v: Tensor | None):
         x = x if r is None else r * x
@@ -371,19 +373,19 @@ def _find_neurons(graph, sources: dict[str, list[str]], targets: dict[str, list[
     return found
 
 
-def _neuron_op(neuron: _Neuron, graph, slots: dict[str, int], step: Step, device) -> Op:
+def _neuron_op(neuron: _Neuron, graph, slots: dict[str, int], step: Step, like) -> Op:
     """One step of I ⇄ Threshold (+ Scale feedback) with exactly nirtorch's arithmetic: the inputs summed
     in its order, feedback read from the previous step. spikes·scale is exact, so that term is one addcmul."""
     i_slot, s_slot = slots[neuron.i], slots[neuron.threshold]
     i_node, t_node = graph.nodes[neuron.i], graph.nodes[neuron.threshold]
-    r = None if _ones(i_node.r) else _array(i_node.r, device)
-    threshold = _array(t_node.threshold, device)
+    r = None if _ones(i_node.r) else _array(i_node.r, like)
+    threshold = _array(t_node.threshold, like)
     shape = tuple(t_node.threshold.shape)
     terms = []  # (slot, previous, scale): scale None for an input, else a feedback of v (slot 0) or spikes
     for source, previous in step.inputs:
         if source in neuron.feedback:
             slot = 0 if neuron.feedback[source] == neuron.i else s_slot
-            terms.append((slot, True, _array(graph.nodes[source].scale, device)))
+            terms.append((slot, True, _array(graph.nodes[source].scale, like)))
         else:
             terms.append((slots[source], previous, None))
     if len(terms) > 1 and terms[0][2] is not None and terms[0][0] != 0:
@@ -448,10 +450,11 @@ class SimResult:
 
 @dataclass
 class Program:
-    """A NIR graph compiled for `device`: the nirtorch schedule as a list of vectorised ops."""
+    """A NIR graph compiled for `device` and `dtype`: the nirtorch schedule as a list of vectorised ops."""
 
     graph: object = field(repr=False)
     device: torch.device
+    dtype: torch.dtype
     input_node: str
     output_node: str
     steps: tuple[Step, ...]
@@ -486,7 +489,7 @@ class Program:
                 f"input of shape {tuple(x.shape[1:])} does not fit the graph's Input "
                 f"{'x'.join(map(str, expected))} (expected (batch, *shape) or (batch, frames, *shape))"
             )
-        x = x.to(self.device, torch.float32)
+        x = x.to(self.device, self.dtype)
         n = len(self._slots)
         base, state, counts, prev = [None] * n, [None] * n, [None] * n, [None] * n
         static_counts = counts
@@ -523,13 +526,15 @@ class Program:
     def node_shapes(self) -> dict[str, tuple[int, ...]]:
         """Unbatched output shape of every node that produces a value (one dry step on zeros)."""
         if self._shapes is None:
-            self.run(torch.zeros(1, *self.input_shape, device=self.device), 1)
+            self.run(torch.zeros(1, *self.input_shape, device=self.device, dtype=self.dtype), 1)
         return self._shapes
 
 
-def compile_graph(graph, device: str | torch.device = "cpu", reset: str | None = None) -> Program:
-    """Compile a NIR graph (or a .nir file) for `device`; `reset` overrides every IF/LIF node's reset mode
-    (`subtract` or `zero`, default: each node's metadata, else the NIR spec's reset to v_reset)."""
+def compile_graph(
+    graph, device: str | torch.device = "cpu", reset: str | None = None, dtype: torch.dtype = torch.float32
+) -> Program:
+    """Compile a NIR graph (or a .nir file) for `device` and `dtype`; `reset` overrides every IF/LIF node's
+    reset mode (`subtract` or `zero`, default: each node's metadata, else the NIR spec's reset to v_reset)."""
 
     if isinstance(graph, str | Path):
         from mpis.export.nir_nodes import read_nir
@@ -538,6 +543,7 @@ def compile_graph(graph, device: str | torch.device = "cpu", reset: str | None =
     if reset is not None and reset not in RESETS:
         raise MpisError(f"unknown reset {reset!r}; choose one of {', '.join(RESETS)}")
     device = _device(device)
+    like = torch.empty(0, device=device, dtype=dtype)
     unsupported = sorted({type(n).__name__ for n in graph.nodes.values()} - set(SUPPORTED))
     if unsupported:
         where = {
@@ -564,17 +570,17 @@ def compile_graph(graph, device: str | torch.device = "cpu", reset: str | None =
             continue
         terms = tuple((slots[s], p) for s, p in step.inputs)
         if name in neurons:
-            op = _neuron_op(neurons[name], graph, slots, step, device)
+            op = _neuron_op(neurons[name], graph, slots, step, like)
             spiking.append(neurons[name].threshold)
         elif kind in _STATEFUL:
             v_init = None
             if kind in ("IF", "LIF"):
                 resets[name] = _reset_mode(node, reset)
                 v_init = node.metadata.get("v_init") if resets[name] == "subtract" else None
-            fn = _STATEFUL[kind](node, device, resets.get(name), v_init)
+            fn = _STATEFUL[kind](node, like, resets.get(name), v_init)
             op = _stateful(slots[name], terms, fn, _shape(node), name, kind)
         else:
-            fn = _STATELESS[kind](node, device)
+            fn = _STATELESS[kind](node, like)
             op = _stateless(slots[name], terms, fn, _shape(node), name, kind)
         if kind in SPIKING:
             spiking.append(name)
@@ -587,6 +593,7 @@ def compile_graph(graph, device: str | torch.device = "cpu", reset: str | None =
     return Program(
         graph,
         device,
+        dtype,
         input_node,
         output_node,
         steps,
@@ -651,18 +658,18 @@ def firing_rate(count: Tensor, steps: int) -> float:
     return float(count.double().mean()) / steps
 
 
-def _synapses(node, device) -> Callable[[Tensor], Tensor] | None:
+def _synapses(node, like) -> Callable[[Tensor], Tensor] | None:
     """A weight node's map with each nonzero weight set to 1 (a pooling window as it is): applied to ones,
     it counts synapses. None for nodes without synapses."""
     kind = type(node).__name__
     if kind == "Conv2d":
-        mask, geometry = _array(np.asarray(node.weight) != 0, device), _conv_geometry(node)
+        mask, geometry = _array(np.asarray(node.weight) != 0, like), _conv_geometry(node)
         return lambda x: F.conv2d(x, mask, None, *geometry)
     if kind in ("Affine", "Linear"):
-        mask = _array(np.asarray(node.weight) != 0, device)
+        mask = _array(np.asarray(node.weight) != 0, like)
         return lambda x: F.linear(x, mask)
-    if kind in ("SumPool2d", "AvgPool2d"):
-        return _pool(1)(node, device)
+    if kind in SYNAPTIC:  # pooling
+        return _pool(1)(node, like)
     return None
 
 
@@ -675,7 +682,7 @@ def fan_out(program: Program) -> dict[str, Tensor]:
         total = x.new_zeros(())
         for target in targets[name]:
             node = graph.nodes[target]
-            op = _synapses(node, x.device)
+            op = _synapses(node, x)
             if op is not None:
                 total = total + op(x).sum()
             elif type(node).__name__ == "Flatten":
@@ -685,7 +692,7 @@ def fan_out(program: Program) -> dict[str, Tensor]:
     result = {}
     with torch.enable_grad():
         for name in program.spiking:
-            x = torch.ones(1, *shapes[name], device=program.device, requires_grad=True)
+            x = torch.ones(1, *shapes[name], device=program.device, dtype=program.dtype, requires_grad=True)
             total = synapses(name, x)
             result[name] = torch.autograd.grad(total, x)[0][0] if total.requires_grad else torch.zeros_like(x[0])
     return result
@@ -709,10 +716,9 @@ def dense_macs(program: Program) -> int:
     total = 0
     with torch.inference_mode():
         for name, node in program.graph.nodes.items():
-            op = _synapses(node, program.device)
-            if op is not None:
-                ones = torch.ones(1, *shapes[sources[name][0]], device=program.device)
-                total += int(op(ones).sum())
+            if type(node).__name__ in SYNAPTIC:
+                ones = torch.ones(1, *shapes[sources[name][0]], device=program.device, dtype=program.dtype)
+                total += int(_synapses(node, ones)(ones).sum())
     return total
 
 
