@@ -11,6 +11,7 @@ The server runs as its own process (`python -m mpis serve`), so the clients do n
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import subprocess
@@ -119,7 +120,8 @@ def main() -> None:
         print(
             f"model {spec.name} (input {list(spec.inputs[0].dims)}, max_batch_size {spec.max_batch_size}, queue delay "
             f"{spec.queue_delay_s * 1e6:.0f} µs); {args.clients} clients × {args.requests} requests × {args.rows} "
-            f"row(s); {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}"
+            f"row(s); {os.cpu_count()} CPUs {platform.machine()}, load average {os.getloadavg()[0]:.1f} at the "
+            f"start, onnxruntime {ort.__version__}"
         )
         print("| dynamic batching | requests | failed | p50 ms | p99 ms | requests/s | mean batch |")
         print("|---|---:|---:|---:|---:|---:|---:|")
