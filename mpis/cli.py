@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mpis.config import CONFIG_CLASSES, ModelConfig, SolverConfig, TrainConfig
 from mpis.errors import MpisError
+from mpis.export import DEFAULT_MAX_PARAM_GROWTH
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,8 +88,10 @@ def _export(args: argparse.Namespace) -> int:
     from mpis.train.checkpoint import atomic_write, load_checkpoint
     from mpis.train.data import load_dataset
 
-    if args.onnx is None and args.triton_repo is None and args.trt is None:
-        raise MpisError("nothing to export: pass --onnx OUT.onnx, --trt OUT.plan and/or --triton-repo REPO")
+    if args.onnx is None and args.triton_repo is None and args.trt is None and args.nir is None:
+        raise MpisError(
+            "nothing to export: pass --onnx OUT.onnx, --trt OUT.plan, --triton-repo REPO and/or --nir OUT.nir"
+        )
     if args.batch < 1:
         raise MpisError(f"--batch must be >= 1, got {args.batch}")
     if args.trt:
@@ -96,6 +99,10 @@ def _export(args: argparse.Namespace) -> int:
 
         require_tensorrt()  # fail before the slow ONNX export, not after
     ckpt = load_checkpoint(args.checkpoint)
+    if args.nir:
+        _export_nir(ckpt, args)
+    if args.onnx is None and args.triton_repo is None and args.trt is None:
+        return 0
     iterations = ckpt.solver_cfg.T if args.iters is None else args.iters
     try:  # parity is checked on real test images when the dataset is at hand, else on random inputs
         test = load_dataset(ckpt.train_cfg.dataset, ckpt.train_cfg.data_dir, frames=ckpt.solver_cfg.T).test
@@ -139,6 +146,29 @@ def _export(args: argparse.Namespace) -> int:
             )
             print("wrote Triton model(s): " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _export_nir(ckpt, args: argparse.Namespace) -> None:
+    from mpis.export.nir import export_nir
+
+    if args.max_param_growth <= 0:
+        raise MpisError(f"--max-param-growth must be > 0, got {args.max_param_growth}")
+    result = export_nir(
+        ckpt.net,
+        Path(args.nir),
+        args.flavour,
+        args.v_init,
+        ckpt.solver_cfg.T,
+        ckpt.train_cfg.dataset,
+        args.overwrite,
+        args.max_param_growth,
+    )
+    layouts = ", ".join(f"{name} x{layout.factor}" for name, layout in result.layouts.items() if layout.factor > 1)
+    print(
+        f"wrote {args.nir} ({args.flavour}): {len(result.graph.nodes)} nodes, {len(result.graph.edges)} edges; "
+        f"parameters {result.nir_params:,} vs the model's {result.source_params:,} ({result.growth:.2f}x)"
+        + (f"; polyphase layers: {layouts}" if layouts else "")
+    )
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -210,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     train.set_defaults(run=_train)
 
-    export = commands.add_parser("export", help="export a trained checkpoint (ONNX, TensorRT, Triton repository)")
+    export = commands.add_parser("export", help="export a trained checkpoint (ONNX, TensorRT, Triton repository, NIR)")
     export.add_argument("checkpoint", help="DIR/model.pt written by mpis train")
     export.add_argument("--onnx", help="write the single-step DBReLU graph, unrolled K iterations, to this file")
     export.add_argument("--iters", type=int, help="equilibrium iterations K (default: the checkpoint's T)")
@@ -221,6 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--triton-repo", help="write a Triton model repository into this folder")
     export.add_argument("--name", default="mpis", help="model name in the Triton repository (default mpis)")
     export.add_argument("--max-batch-size", type=int, default=256, help="Triton/TensorRT max batch (default 256)")
+    export.add_argument("--nir", help="write the spiking graph (integrate-and-fire, feedback loop) to this NIR file")
+    export.add_argument(
+        "--flavour",
+        default="exact",
+        choices=("exact", "compact"),
+        help="NIR neuron encoding: "
+        "exact = standard I/Threshold/Scale nodes with subtract reset; compact = one IF per layer",
+    )
+    export.add_argument(
+        "--v-init", type=float, help="initial membrane potential in the NIR graph (default: the model's)"
+    )
+    export.add_argument(
+        "--max-param-growth",
+        type=float,
+        default=DEFAULT_MAX_PARAM_GROWTH,
+        help="refuse a NIR graph with more than this many times the model's parameters (default %(default)g)",
+    )
     export.add_argument("--overwrite", action="store_true", help="replace existing output files")
     export.set_defaults(run=_export)
 

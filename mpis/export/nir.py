@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpis.errors import MpisError
+from mpis.export import DEFAULT_MAX_PARAM_GROWTH
 from mpis.export.polyphase import polyphase_conv
 from mpis.model.layers import NearestUp
 from mpis.model.network import MPISNet
 
 FLAVOURS = ("exact", "compact")
-DEFAULT_MAX_PARAM_GROWTH = 16.0
 Phase = tuple[int, int]
 
 
@@ -151,6 +151,19 @@ def native_layer(phases: dict[Phase, Tensor], factor: int) -> Tensor:
     for (a, b), value in phases.items():
         out[:, :, a::factor, b::factor] = value
     return out
+
+
+def layer_spike_counts(graph, counts: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per MPIS layer, the native (B, C, H, W) spike counts from counts per spiking NIR node, using the
+    layer/phase metadata the exporter writes on every spiking node."""
+    phases: dict[str, dict[Phase, Tensor]] = {}
+    factors: dict[str, int] = {}
+    for name, node in graph.nodes.items():
+        layer = node.metadata.get("layer")
+        if layer is not None and name in counts:
+            phases.setdefault(str(layer), {})[tuple(int(p) for p in node.metadata["phase"])] = counts[name]
+            factors[str(layer)] = int(node.metadata["factor"])
+    return {layer: native_layer(by_phase, factors[layer]) for layer, by_phase in phases.items()}
 
 
 class _Exporter:

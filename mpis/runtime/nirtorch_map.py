@@ -103,7 +103,7 @@ def run_nirtorch(graph, x: Tensor, steps: int) -> tuple[Tensor, dict[str, Tensor
     import nir
     import nirtorch
 
-    module = nirtorch.nir_to_torch(graph, node_map())
+    module = nirtorch.nir_to_torch(graph, node_map()).to(x.dtype)  # float64 input: rounding out of the way
     counts: dict[str, Tensor] = {}
     by_module = {name.replace(".", "_"): name for name, node in graph.nodes.items() if isinstance(node, nir.Threshold)}
 
