@@ -64,13 +64,26 @@ class NirExport:
 
 @dataclass
 class _LinearOp:
-    """A bias-free probe of one linear op, its bias, and the original conv when it can be copied as is."""
+    """One linear op, split into where each kernel tap lands and what it weighs.
 
-    probe: Callable[[Tensor], Tensor]
+    `tap_probe` is the op on a single channel with one output channel per kernel tap (one-hot kernels):
+    probing it on the polyphase grid costs the same for any channel count, and every grid-kernel block
+    is then `taps` (C_out, C_in, taps) contracted with that block's 0/1 tap pattern: exact weights."""
+
+    tap_probe: Callable[[Tensor], Tensor]
+    taps: Tensor
     bias: Tensor
-    in_channels: int
-    out_channels: int
+    kernel: int  # spatial size: bounds how far (in grid cells) the probe has to look
+    weights: int  # parameters of the original op (0 for nearest up-sampling)
     conv: nn.Conv2d | None = None
+
+    @property
+    def in_channels(self) -> int:
+        return self.taps.shape[1]
+
+
+def _one_hot_taps(kernel: int) -> Tensor:
+    return torch.eye(kernel * kernel).reshape(kernel * kernel, 1, kernel, kernel)
 
 
 def _linear_ops(module: nn.Module, channels: int) -> list[_LinearOp]:
@@ -78,29 +91,34 @@ def _linear_ops(module: nn.Module, channels: int) -> list[_LinearOp]:
     `channels` is the input's channel count, needed for parameter-free ops."""
     if isinstance(module, nn.Sequential):
         return [op for child in module for op in _linear_ops(child, channels)]
+    bias = getattr(module, "bias", None)
     if isinstance(module, nn.ConvTranspose2d):
-        weight = module.weight.detach()
+        k, weight = module.kernel_size[0], module.weight.detach()
+        one_hot = _one_hot_taps(k).transpose(0, 1)
 
         def probe(x: Tensor, m: nn.ConvTranspose2d = module) -> Tensor:
-            return F.conv_transpose2d(x, weight, None, m.stride, m.padding, m.output_padding)
+            return F.conv_transpose2d(x, one_hot, None, m.stride, m.padding, m.output_padding)
 
-        bias = module.bias.detach() if module.bias is not None else torch.zeros(module.out_channels)
-        return [_LinearOp(probe, bias, module.in_channels, module.out_channels)]
+        taps = weight.transpose(0, 1).reshape(module.out_channels, module.in_channels, k * k)
+        bias = bias.detach() if bias is not None else torch.zeros(module.out_channels)
+        return [_LinearOp(probe, taps, bias, k, weight.numel())]
     if isinstance(module, nn.Conv2d):
-        weight = module.weight.detach()
+        k, weight = module.kernel_size[0], module.weight.detach()
+        one_hot = _one_hot_taps(k)
 
         def probe(x: Tensor, m: nn.Conv2d = module) -> Tensor:
-            return F.conv2d(x, weight, None, m.stride, m.padding)
+            return F.conv2d(x, one_hot, None, m.stride, m.padding)
 
-        bias = module.bias.detach() if module.bias is not None else torch.zeros(module.out_channels)
-        return [_LinearOp(probe, bias, module.in_channels, module.out_channels, module)]
+        taps = weight.reshape(module.out_channels, module.in_channels, k * k)
+        bias = bias.detach() if bias is not None else torch.zeros(module.out_channels)
+        return [_LinearOp(probe, taps, bias, k, weight.numel(), module)]
     if isinstance(module, NearestUp):
         factor = module.factor
 
         def probe(x: Tensor) -> Tensor:
             return x.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
 
-        return [_LinearOp(probe, torch.zeros(channels), channels, channels)]
+        return [_LinearOp(probe, torch.eye(channels)[:, :, None], torch.zeros(channels), 1, 0)]
     raise MpisError(f"NIR export does not support the layer {type(module).__name__}")
 
 
@@ -222,7 +240,8 @@ class _Exporter:
             name = target if last else f"{target}.{k}"
             src = self.layouts[source]
             size = (src.grid[0] * src.factor, src.grid[1] * src.factor)
-            out_shape = shape if last else tuple(op.probe(torch.zeros(1, op.in_channels, *size)).shape[1:])
+            out_size = op.tap_probe(torch.zeros(1, 1, *size)).shape[2:]
+            out_shape = shape if last else (op.taps.shape[0], *out_size)
             self.emit_op(name, out_shape, op, source, late)
             source = name
 
@@ -267,20 +286,21 @@ class _Exporter:
             # copied as is: the same sums in the same order as the PyTorch model, so identical spikes
             yield (0, 0), (0, 0), conv.weight.detach(), stride, tuple(conv.padding)
             return
-        kernel, _ = polyphase_conv(op.probe, op.in_channels, src.factor * stride, out.factor)
-        fo2, fi2 = out.factor**2, src.factor**2
+        fo2, fi2 = out.factor**2, (src.factor * stride) ** 2
+        pattern, _ = polyphase_conv(op.tap_probe, 1, src.factor * stride, out.factor, max(1, op.kernel // 2))
+        pattern = pattern.reshape(-1, fo2, fi2, *pattern.shape[-2:])  # (taps, out phase, in phase, k, k)
         for p_index, phase_out in enumerate(out.phases):
-            phase_kernel = kernel[p_index::fo2]
             if stride > 1:  # native input, polyphase output: one strided conv per output phase
-                weight, padding = _strided_native(phase_kernel, stride)
+                block = torch.einsum("oit,tqyx->oiqyx", op.taps, pattern[:, p_index])
+                weight, padding = _strided_native(block.flatten(1, 2), stride)
                 yield phase_out, (0, 0), weight, stride, padding
                 continue
-            empty = bool(phase_kernel.abs().max() == 0)  # still one block, to carry the bias
+            empty = bool(pattern[:, p_index].abs().max() == 0)  # still one block, to carry the bias
             for q_index, phase_in in enumerate(src.phases):
-                block = phase_kernel[:, q_index::fi2]
-                if block.abs().max() > 0 or (empty and q_index == 0):
-                    block = _crop(block)
-                    yield phase_out, phase_in, block, 1, block.shape[-1] // 2
+                taps = pattern[:, p_index, q_index]
+                if taps.abs().max() > 0 or (empty and q_index == 0):
+                    taps = _crop(taps[None])[0]
+                    yield phase_out, phase_in, torch.einsum("oit,tyx->oiyx", op.taps, taps), 1, taps.shape[-1] // 2
 
     # ---- neurons, head -----------------------------------------------------------------------
     def initial_potential(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -349,6 +369,20 @@ class _Exporter:
         self.connect(self.sources[state][(0, 0)], flat)
         self.edges += [(flat, affine), (affine, logits)]
 
+    def minimum_params(self) -> int:
+        """A lower bound on the NIR parameter count from the layouts alone (no probing): an op between
+        maps at factors f_in, f_out has at least min(f_in, f_out)² times its weights as nonzero taps."""
+        total = sum(p.numel() for p in self.net.ops["head"].parameters())
+        for node in self.net.graph.nodes:
+            if node.kind not in ("conv", "linear"):
+                continue
+            out = self.layout(node.name, node.shape)
+            for source in (*node.inputs, *node.delayed):
+                src = self.layout(source, self.net.graph.node(source).shape)
+                factor = min(src.factor * src.grid[0] // out.grid[0], out.factor)
+                total += sum(op.weights for op in _linear_ops(self.net.ops[node.name], 0)) * factor**2
+        return total
+
     def run(self) -> None:
         deferred: list[tuple[object, str]] = []  # (node, input) whose input is emitted later (Trans chain)
         for node in self.net.graph.nodes:
@@ -407,10 +441,17 @@ def _param_count(nodes: dict) -> int:
 
 
 def build_nir(
-    net: MPISNet, flavour: str = "exact", v_init: float | None = None, steps: int | None = None, dataset: str = ""
+    net: MPISNet,
+    flavour: str = "exact",
+    v_init: float | None = None,
+    steps: int | None = None,
+    dataset: str = "",
+    max_param_growth: float | None = None,
 ) -> NirExport:
     """The NIR graph of `net` (BN folded here); `v_init` overrides the net's initial potential, `steps` is
-    the T recorded in the metadata (the T used in training)."""
+    the T recorded in the metadata (the T used in training). Above `max_param_growth` times the model's
+    parameters it refuses, before probing when the layouts alone show it (wide nets at high factors
+    would not even fit in memory)."""
     import nir
 
     if flavour not in FLAVOURS:
@@ -428,6 +469,9 @@ def build_nir(
         raise MpisError("an initial membrane potential is a threshold shift only for IF neurons; use --v-init 0")
     folded = net.folded_copy()
     exporter = _Exporter(folded, flavour, v_init)
+    source = sum(p.numel() for name in folded.ops for p in folded.ops[name].parameters())
+    if max_param_growth is not None:
+        _check_growth(exporter.minimum_params(), source, max_param_growth, "at least ")
     with torch.no_grad():
         exporter.run()
     ordered = exporter.nodes + exporter.late_nodes
@@ -451,8 +495,19 @@ def build_nir(
         "layers": layers,
     }
     graph = nir.NIRGraph(nodes=nodes, edges=edges, metadata=metadata)
-    source = sum(p.numel() for name in folded.ops for p in folded.ops[name].parameters())
-    return NirExport(graph, _param_count(nodes), source, {n: exporter.layouts[n] for n in layers})
+    result = NirExport(graph, _param_count(nodes), source, {n: exporter.layouts[n] for n in layers})
+    if max_param_growth is not None:
+        _check_growth(result.nir_params, source, max_param_growth)
+    return result
+
+
+def _check_growth(count: int, source: int, limit: float, qualifier: str = "") -> None:
+    if count > limit * source:
+        raise MpisError(
+            f"the NIR graph would hold {qualifier}{count:,} parameters, {count / source:.1f}x the model's "
+            f"{source:,} (polyphase layout of the loop's finer maps); above --max-param-growth {limit:g}. "
+            f"Raise the limit if the target can hold it"
+        )
 
 
 def export_nir(
@@ -476,13 +531,7 @@ def export_nir(
         raise MpisError(f"folder {path.parent} does not exist")
     if path.exists() and not overwrite:
         raise MpisError(f"{path} already exists; choose another path or pass --overwrite")
-    result = build_nir(net, flavour, v_init, steps, dataset)
-    if result.growth > max_param_growth:
-        raise MpisError(
-            f"the NIR graph would hold {result.nir_params:,} parameters, {result.growth:.1f}x the model's "
-            f"{result.source_params:,} (polyphase layout of the loop's finer maps); above --max-param-growth "
-            f"{max_param_growth:g}. Raise the limit if the target can hold it"
-        )
+    result = build_nir(net, flavour, v_init, steps, dataset, max_param_growth)
 
     def write(tmp: str) -> None:
         nir.write(tmp, result.graph)

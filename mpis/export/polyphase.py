@@ -18,7 +18,12 @@ from torch import Tensor
 
 @torch.no_grad()
 def polyphase_conv(
-    op: Callable[[Tensor], Tensor], in_channels: int, in_factor: int, out_factor: int, reach: int = 3
+    op: Callable[[Tensor], Tensor],
+    in_channels: int,
+    in_factor: int,
+    out_factor: int,
+    reach: int = 3,
+    chunk: int = 64,
 ) -> tuple[Tensor, Tensor]:
     """Weight (f_out²·C_out, f_in²·C_in, k, k) and bias of the grid conv equal to `op`.
 
@@ -27,11 +32,15 @@ def polyphase_conv(
     grid = 4 * reach + 3
     centre = grid // 2
     channels = in_channels * in_factor**2
-    impulses = torch.zeros(channels, channels, grid, grid)
-    impulses[torch.arange(channels), torch.arange(channels), centre, centre] = 1.0
     zero = op(torch.zeros(1, in_channels, in_factor * grid, in_factor * grid))
-    response = op(F.pixel_shuffle(impulses, in_factor)) - zero  # (C', C_out, f·G, f·G)
-    response = F.pixel_unshuffle(response, out_factor)  # (C_in', C_out', G, G)
+    responses = []
+    for start in range(0, channels, chunk):  # chunked: wide layers at high factors would not fit at once
+        count = min(chunk, channels - start)
+        impulses = torch.zeros(count, channels, grid, grid)
+        impulses[torch.arange(count), torch.arange(start, start + count), centre, centre] = 1.0
+        response = op(F.pixel_shuffle(impulses, in_factor)) - zero  # (count, C_out, f·G, f·G)
+        responses.append(F.pixel_unshuffle(response, out_factor))
+    response = torch.cat(responses)  # (C_in', C_out', G, G)
     bias = F.pixel_unshuffle(zero, out_factor)[0, :, centre, centre]
     # conv (cross-correlation) with padding r: w[o, i, a, b] = response[i, o, centre + r − a, centre + r − b]
     nonzero = response.abs().amax(dim=(0, 1)) > 0
