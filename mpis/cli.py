@@ -150,6 +150,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _export_nir(ckpt, args: argparse.Namespace) -> None:
     from mpis.export.nir import export_nir
+    from mpis.runtime.check import default_nir_v_init
 
     if args.max_param_growth <= 0:
         raise MpisError(f"--max-param-growth must be > 0, got {args.max_param_growth}")
@@ -157,7 +158,7 @@ def _export_nir(ckpt, args: argparse.Namespace) -> None:
         ckpt.net,
         Path(args.nir),
         args.flavour,
-        args.v_init,
+        default_nir_v_init(ckpt.net) if args.v_init is None else args.v_init,
         ckpt.solver_cfg.T,
         ckpt.train_cfg.dataset,
         args.overwrite,
@@ -230,6 +231,18 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from mpis.runtime.check import cli_check
+
+    return cli_check(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mpis.runtime.demo import cli_demo
+
+    return cli_demo(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mpis", description="Train MPIS equilibrium spiking networks and export them.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -260,7 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
         "exact = standard I/Threshold/Scale nodes with subtract reset; compact = one IF per layer",
     )
     export.add_argument(
-        "--v-init", type=float, help="initial membrane potential in the NIR graph (default: the model's)"
+        "--v-init",
+        type=float,
+        help="initial membrane potential in the NIR graph (default: Vth/2 for IF neurons, which halves the rate "
+        "error, see mpis check; the model's own for a learned IMP or LIF neurons)",
     )
     export.add_argument(
         "--max-param-growth",
@@ -313,6 +329,63 @@ def build_parser() -> argparse.ArgumentParser:
         "zero shows what a toolchain that follows the NIR spec literally does with a compact file",
     )
     simulate.set_defaults(run=_simulate)
+
+    check = commands.add_parser(
+        "check",
+        help="spiking graph (NIR, spike runtime) vs rate graph (ONNX Runtime) on the test set, at several T",
+        description="Exports (or reuses) the ONNX rate graph with every layer's rates and one NIR file per v_init, "
+        "runs both on the test set and prints per T and layer the mean and max |spike rate - ONNX rate| "
+        "(rate = counts/T, per neuron, native layout), argmax agreement, accuracies and synaptic ops; writes "
+        "report.json and check.png (mean |Δrate| vs T, log-log, with 1/T). Reference: the DBReLU rates after K "
+        "iterations from zero, K = max(T list, the checkpoint's T) (--iters), its residual max |r_K - r_K-1| "
+        "reported.",
+    )
+    check.add_argument("checkpoint", help="DIR/model.pt written by mpis train")
+    check.add_argument("--T", default="10,30,100,300", help="time steps, comma-separated (default 10,30,100,300)")
+    check.add_argument(
+        "--v-init",
+        help="initial membrane potentials, one NIR file each: values, multiples of Vth (0.5vth) or 'model' "
+        "(default 0,0.5vth)",
+    )
+    check.add_argument("--nir", action="append", help="check this NIR file instead of exporting (repeatable)")
+    check.add_argument(
+        "--report", help="folder for the artifacts and report (default: DIR/check next to the checkpoint)"
+    )
+    check.add_argument("--iters", type=int, help="DBReLU iterations K of the reference (default: max(T list, model T))")
+    check.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.99,
+        help="exit 2 below this argmax agreement at the largest T (default 0.99)",
+    )
+    check.add_argument("--dataset", help="dataset whose test set is used (default: the checkpoint's)")
+    check.add_argument("--data-dir", help="folder with the dataset's standard files (not needed for digits)")
+    check.add_argument("--limit", type=int, help="use only the first N test inputs")
+    check.add_argument("--batch", type=int, default=128, help="inputs run at once (default 128)")
+    check.add_argument("--device", default="cpu", help="spike runtime device: cpu, cuda or cuda:N (default cpu)")
+    check.add_argument("--max-param-growth", type=float, default=DEFAULT_MAX_PARAM_GROWTH, help="as mpis export --nir")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
+    check.add_argument(
+        "--threads", type=int, default=1, help="torch / ONNX Runtime intra-op threads (default 1: small ops)"
+    )
+    check.set_defaults(run=_check)
+
+    demo = commands.add_parser(
+        "demo", help="train on digits, export ONNX + NIR + Triton repository, check at T = 10, 30, 100"
+    )
+    demo.add_argument("--out", default="runs/demo", help="folder for every artifact (default runs/demo)")
+    demo.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
+    demo.add_argument("--T", type=int, default=30, help="training time steps, also the ONNX export's K (default 30)")
+    demo.add_argument("--check-T", default="10,30,100", help="T list of the check (default 10,30,100)")
+    demo.add_argument("--arch", help="architecture (default: the project's default)")
+    demo.add_argument("--limit", type=int, help="check only the first N test inputs")
+    demo.add_argument("--min-agreement", type=float, default=0.99, help="as mpis check (default 0.99)")
+    demo.add_argument("--overwrite", action="store_true", help="replace the demo's files in an existing --out")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument(
+        "--threads", type=int, default=1, help="torch / ONNX Runtime intra-op threads (default 1: small ops)"
+    )
+    demo.set_defaults(run=_demo)
     return parser
 
 
