@@ -491,7 +491,7 @@ def _run_check(opts: CheckOptions) -> CheckReport:
     # parity sample of the export: 32 inputs (in a loop that is not a contraction for every input, rounding
     # can grow with K past the export's 1e-5 on some inputs; the check measures ONNX Runtime against PyTorch
     # itself, on the first batch, and reports it)
-    export_sample = sample_for(steps[0], range(min(count, 64)))[0]
+    export_sample = sample_for(steps[0], range(min(count, opts.batch)))[0]
     if export_sample.dim() == 5:
         export_sample = export_sample.mean(1)
     for h in horizons:
