@@ -149,8 +149,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _export_nir(ckpt, args: argparse.Namespace) -> None:
-    from mpis.export.nir import export_nir
-    from mpis.runtime.check import default_nir_v_init
+    from mpis.export.nir import default_nir_v_init, export_nir
 
     if args.max_param_growth <= 0:
         raise MpisError(f"--max-param-growth must be > 0, got {args.max_param_growth}")

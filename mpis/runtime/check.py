@@ -88,16 +88,6 @@ def parse_v_inits(text: str, vth: float) -> tuple[VInit, ...]:
     return tuple(out.values())
 
 
-def default_nir_v_init(net) -> float | None:
-    """The initial potential `mpis export --nir` writes by default: Vth/2 for IF neurons, which rounds the
-    rate instead of flooring it (mpis check on the digits net: mean |Δrate|·T 0.85 vs 1.40 at T = 100, all
-    layers; 0.09 vs 0.18 in the feed-forward stem); the model's own (None) for a learned IMP, which is part
-    of the rate map, and for LIF neurons, where an initial potential is no threshold shift."""
-    if len(net.imp) or net.neuron.leak != 1.0:
-        return None
-    return net.neuron.vth / 2
-
-
 # ---- the artifact cache ---------------------------------------------------------------------------
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()

@@ -44,10 +44,10 @@ def _run_demo(
     """Run every stage; return the lines to print (check table, artifact paths) and the check report."""
     from mpis.config import ModelConfig, SolverConfig, TrainConfig
     from mpis.export import DEFAULT_MAX_PARAM_GROWTH
-    from mpis.export.nir import export_nir
+    from mpis.export.nir import default_nir_v_init, export_nir
     from mpis.export.onnx import INPUT_NAME, LOGITS_NAME, export_onnx
     from mpis.export.triton import write_triton_repo
-    from mpis.runtime.check import DEFAULT_MIN_AGREEMENT, CheckOptions, check, default_nir_v_init
+    from mpis.runtime.check import DEFAULT_MIN_AGREEMENT, CheckOptions, check
     from mpis.train.checkpoint import load_checkpoint
     from mpis.train.data import load_dataset
     from mpis.train.loop import train
