@@ -11,10 +11,11 @@ from conftest import TINY_ARCH
 from mpis.arch.notation import PAPER_EXAMPLES, parse_arch
 from mpis.cli import main
 from mpis.errors import MpisError
-from mpis.export.nir import build_nir, export_nir, layer_spike_counts
+from mpis.export.nir import build_nir, export_nir
 from mpis.export.nir_nodes import read_nir
 from mpis.model.network import MPISNet
 from mpis.runtime.nirtorch_map import run_nirtorch
+from mpis.runtime.simulate import layer_counts
 from mpis.train.checkpoint import load_checkpoint
 from mpis.train.data import load_dataset
 
@@ -32,7 +33,7 @@ def _spiky_net(arch: str, shape, seed: int = 0, **kwargs) -> MPISNet:
 def _compare(net: MPISNet, graph, x: torch.Tensor, steps: int) -> tuple[int, int]:
     """(differing, total) spike counts over all neurons: nirtorch on the NIR graph vs net.simulate."""
     _, counts = run_nirtorch(graph, x, steps)
-    got = layer_spike_counts(graph, counts)
+    got = layer_counts(graph, counts)
     want = net.folded_copy().to(x.dtype).simulate(x, steps).spike_counts
     assert set(got) == set(want)
     differing = sum(int((got[k] != want[k]).sum()) for k in want)

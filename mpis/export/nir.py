@@ -171,19 +171,6 @@ def native_layer(phases: dict[Phase, Tensor], factor: int) -> Tensor:
     return out
 
 
-def layer_spike_counts(graph, counts: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Per MPIS layer, the native (B, C, H, W) spike counts from counts per spiking NIR node, using the
-    layer/phase metadata the exporter writes on every spiking node."""
-    phases: dict[str, dict[Phase, Tensor]] = {}
-    factors: dict[str, int] = {}
-    for name, node in graph.nodes.items():
-        layer = node.metadata.get("layer")
-        if layer is not None and name in counts:
-            phases.setdefault(str(layer), {})[tuple(int(p) for p in node.metadata["phase"])] = counts[name]
-            factors[str(layer)] = int(node.metadata["factor"])
-    return {layer: native_layer(by_phase, factors[layer]) for layer, by_phase in phases.items()}
-
-
 class _Exporter:
     """Walks `net.graph` once and emits NIR nodes in execution order (see the module docstring)."""
 
