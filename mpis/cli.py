@@ -212,6 +212,8 @@ def _simulate(args: argparse.Namespace) -> int:
     for flag, value in (("--T", args.T), ("--batch", args.batch), ("--limit", args.limit)):
         if value is not None and value < 1:
             raise MpisError(f"{flag} must be >= 1, got {value}")
+    if args.burn_in < 0:
+        raise MpisError(f"--burn-in must be >= 0, got {args.burn_in}")
     graph = read_nir(args.nir)
     steps = args.T or int(graph.metadata.get("T", 0))
     if steps < 1:
@@ -225,7 +227,7 @@ def _simulate(args: argparse.Namespace) -> int:
     test = split.test if args.limit is None else Subset(split.test, range(min(args.limit, len(split.test))))
     resets = ", ".join(sorted(set(program.resets.values())))
     print(f"{args.nir}: {dataset} test set, T = {steps}, {program.device}" + f"; IF/LIF reset: {resets}" * bool(resets))
-    for line in evaluate(program, test, steps, args.batch, split.classes).lines():
+    for line in evaluate(program, test, steps, args.batch, split.classes, args.burn_in).lines():
         print(line)
     return 0
 
@@ -318,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--dataset", help="dataset whose test set is simulated (default: the file's, else digits)")
     simulate.add_argument("--data-dir", help="folder with the dataset's standard files (not needed for digits)")
     simulate.add_argument("--T", type=int, help="time steps (default: the T recorded in the file)")
+    simulate.add_argument(
+        "--burn-in", type=int, default=0, help="steps simulated before spikes are counted (default 0)"
+    )
     simulate.add_argument("--batch", type=int, default=256, help="inputs simulated at once (default 256)")
     simulate.add_argument("--limit", type=int, help="simulate only the first N test inputs")
     simulate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -338,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         "report.json and check.png (mean |Δrate| vs T, log-log, with 1/T). Reference: the DBReLU rates after K "
         "iterations from zero, K = max(T list, the checkpoint's T) (--iters), its residual max |r_K - r_K-1| "
         "reported.",
+    )
+    check.add_argument(
+        "--burn-in",
+        type=int,
+        default=0,
+        help="steps simulated before spikes are counted, so the loop settles from the zero state (default 0)",
     )
     check.add_argument("checkpoint", help="DIR/model.pt written by mpis train")
     check.add_argument("--T", default="10,30,100,300", help="time steps, comma-separated (default 10,30,100,300)")

@@ -269,3 +269,18 @@ def test_cli_simulate_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, m
     assert main(["simulate", str(tmp_path / args[0]), *args[1:]]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_burn_in_counts_only_the_steps_after_it(tmp_path):
+    """Counting after a burn-in of B steps equals the counts of B + T steps minus those of the first B."""
+    torch.manual_seed(0)
+    net = MPISNet(TINY_ARCH, (1, 16, 16)).eval()
+    program = compile_graph(build_nir(net).graph)
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    full, first, after = program.run(x, 13), program.run(x, 5), program.run(x, 8, burn_in=5)
+    for node, count in after.spike_counts.items():
+        assert torch.equal(count, full.spike_counts[node] - first.spike_counts[node])
+    assert torch.allclose(after.scores, full.scores - first.scores, atol=1e-5)
+    assert sum(int(c.sum()) for c in after.spike_counts.values()) > 0
+    with pytest.raises(MpisError, match="burn-in"):
+        program.run(x, 8, burn_in=-1)

@@ -237,6 +237,7 @@ class CheckReport:
     min_agreement: float
     seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
+    burn_in: int = 0
 
     def row(self, v_init: str, steps: int) -> Row:
         return next(r for r in self.rows if r.v_init == v_init and r.steps == steps)
@@ -267,6 +268,7 @@ class CheckReport:
             "dataset": self.dataset,
             "inputs": self.inputs,
             "T": list(self.steps),
+            "burn_in": self.burn_in,
             "v_init": [{"label": v.label, "value": v.value} for v in self.v_inits],
             "vth": self.vth,
             "reference": {
@@ -286,7 +288,8 @@ class CheckReport:
     def lines(self) -> list[str]:
         head = [
             f"{self.checkpoint}: {self.dataset} test set, {self.inputs} inputs; reference: ONNX Runtime, DBReLU "
-            f"rates after K = {self.iterations} iterations",
+            f"rates after K = {self.iterations} iterations"
+            + (f"; spikes counted after a burn-in of {self.burn_in} steps" if self.burn_in else ""),
             f"  reference on the first {self.reference['inputs']} inputs: |r_K - r_K-1| mean "
             f"{self.reference['residual_mean_abs']:.1e}, max {self.reference['residual_max_abs']:.1e} (PyTorch); "
             f"ONNX Runtime vs PyTorch max |Δrate| {self.reference['onnx_vs_torch_max_abs']:.1e}",
@@ -341,6 +344,7 @@ class CheckOptions:
     max_param_growth: float | None = None
     progress: bool = True
     threads: int = 1
+    burn_in: int = 0  # steps simulated before spikes are counted (the loop settles from the zero state)
 
 
 DEFAULT_V_INITS = "0,0.5vth"
@@ -397,6 +401,8 @@ def _run_check(opts: CheckOptions) -> CheckReport:
     for flag, value in (("--iters", opts.iterations), ("--batch", opts.batch), ("--limit", opts.limit)):
         if value is not None and value < 1:
             raise MpisError(f"{flag} must be >= 1, got {value}")
+    if opts.burn_in < 0:
+        raise MpisError(f"--burn-in must be >= 0, got {opts.burn_in}")
     if not (math.isfinite(opts.min_agreement) and opts.min_agreement >= 0):
         raise MpisError(f"--min-agreement must be a fraction >= 0 (e.g. 0.99), got {opts.min_agreement:g}")
     if opts.nir_files and opts.v_inits is not None:
@@ -534,7 +540,7 @@ def _run_check(opts: CheckOptions) -> CheckReport:
                         references[key] = dict(zip(names, session.run(None, {INPUT_NAME: rate_input}), strict=True))
                     ref = references[key]
                     tick = time.perf_counter()
-                    result = s.program.run(x, t)
+                    result = s.program.run(x, t, opts.burn_in)
                     a = acc[(s.v_init.label, t)]
                     if tuple(result.scores.shape[1:]) != (first.classes,):
                         raise MpisError(
@@ -608,6 +614,7 @@ def _run_check(opts: CheckOptions) -> CheckReport:
         artifacts,
         opts.min_agreement,
         time.perf_counter() - start,
+        burn_in=opts.burn_in,
     )
 
 
@@ -718,6 +725,7 @@ def cli_check(args) -> int:
         max_param_growth=args.max_param_growth,
         progress=not args.quiet,
         threads=args.threads,
+        burn_in=args.burn_in,
     )
     report = check(opts)
     for line in report.lines():

@@ -439,7 +439,8 @@ class SimResult:
     """`output`: the Output node's value after the last step (accumulated logits for mpis graphs);
     `output_total`: its sum over all steps; `spike_counts`: spikes per neuron of every spiking node,
     (batch, *node shape), float32 (exact up to 2²⁴ steps); `scores`: what to take the argmax of, the
-    final output, or the output's spike counts when the Output reads spiking nodes."""
+    final output (what it gained over the counted steps, after a burn-in), or the output's spike counts
+    when the Output reads spiking nodes."""
 
     output: Tensor
     output_total: Tensor
@@ -474,11 +475,14 @@ class Program:
         return _shape(self.graph.nodes[self.input_node])
 
     @torch.inference_mode()
-    def run(self, x: Tensor, steps: int) -> SimResult:
-        """Simulate `steps` steps. `x` (B, *input shape) is fed to the Input at every step (direct coding);
-        (B, frames, *input shape) plays frame t·frames//steps at step t."""
+    def run(self, x: Tensor, steps: int, burn_in: int = 0) -> SimResult:
+        """Simulate `burn_in` + `steps` steps and count over the last `steps` (a burn-in lets the loop settle
+        from the zero state before spikes are counted). `x` (B, *input shape) is fed to the Input at every
+        step (direct coding); (B, frames, *input shape) plays frame t·frames//(burn_in + steps) at step t."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise MpisError(f"the number of time steps must be a positive integer, got {steps}")
+        if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
+            raise MpisError(f"the burn-in must be a non-negative number of steps, got {burn_in}")
         expected = self.input_shape
         if tuple(x.shape[1:]) == expected:
             frames = 0
@@ -500,10 +504,13 @@ class Program:
                 for op in self._static:
                     op(base, prev, state, counts)
                 counts = [None] * n
-            for t in range(steps):
+            before = out = None  # the Output's value when counting starts
+            for t in range(burn_in + steps):
+                if burn_in and t == burn_in:
+                    counts, total, before = [None] * n, None, out
                 cur = base.copy()
                 if frames:
-                    cur[0] = x[:, t * frames // steps]
+                    cur[0] = x[:, t * frames // (burn_in + steps)]
                     for op in self._static:
                         op(cur, prev, state, counts)
                 for op in self._dynamic:
@@ -521,7 +528,8 @@ class Program:
         for node in self.spiking:
             slot = self._slots[node]
             spikes[node] = counts[slot] if counts[slot] is not None else static_counts[slot] * steps
-        return SimResult(out, total, spikes, steps, total if self._output_spikes else out)
+        counted = out if before is None else out - before  # the accumulated logits gained while counting
+        return SimResult(out, total, spikes, steps, total if self._output_spikes else counted)
 
     def node_shapes(self) -> dict[str, tuple[int, ...]]:
         """Unbatched output shape of every node that produces a value (one dry step on zeros)."""
@@ -752,8 +760,10 @@ class Evaluation:
         return out
 
 
-def evaluate(program: Program, dataset, steps: int, batch: int = 256, classes: int | None = None) -> Evaluation:
-    """Run every (input, label) of `dataset` through the spiking network for `steps` steps."""
+def evaluate(
+    program: Program, dataset, steps: int, batch: int = 256, classes: int | None = None, burn_in: int = 0
+) -> Evaluation:
+    """Run every (input, label) of `dataset` through the spiking network for `steps` counted steps."""
     import time
 
     from torch.utils.data import DataLoader
@@ -761,7 +771,7 @@ def evaluate(program: Program, dataset, steps: int, batch: int = 256, classes: i
     correct, seen, spikes, shapes, synops = 0, 0, {}, {}, 0.0
     start = time.perf_counter()
     for x, y in DataLoader(dataset, batch_size=batch):
-        result = program.run(x, steps)
+        result = program.run(x, steps, burn_in)
         if classes is not None and result.scores.shape[1:] != (classes,):
             raise MpisError(
                 f"the graph outputs {tuple(result.scores.shape[1:])} per input, the dataset has {classes} classes"
