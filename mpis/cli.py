@@ -169,6 +169,11 @@ def _export_nir(ckpt, args: argparse.Namespace) -> None:
         f"parameters {result.nir_params:,} vs the model's {result.source_params:,} ({result.growth:.2f}x)"
         + (f"; polyphase layers: {layouts}" if layouts else "")
     )
+    if ckpt.net.neuron.leak != 1.0:
+        print(
+            "note: with leaky neurons the Trans feedback's first-step response cannot be folded into the "
+            "thresholds, so the loop's spike counts drift from the model's (IF neurons are exact)"
+        )
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -344,14 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
         "iterations from zero, K = max(T list, the checkpoint's T) (--iters), its residual max |r_K - r_K-1| "
         "reported.",
     )
+    check.add_argument("checkpoint", help="DIR/model.pt written by mpis train")
+    check.add_argument("--T", default="10,30,100,300", help="time steps, comma-separated (default 10,30,100,300)")
     check.add_argument(
         "--burn-in",
         type=int,
         default=0,
         help="steps simulated before spikes are counted, so the loop settles from the zero state (default 0)",
     )
-    check.add_argument("checkpoint", help="DIR/model.pt written by mpis train")
-    check.add_argument("--T", default="10,30,100,300", help="time steps, comma-separated (default 10,30,100,300)")
     check.add_argument(
         "--v-init",
         help="initial membrane potentials, one NIR file each: values, multiples of Vth (0.5vth) or 'model' "

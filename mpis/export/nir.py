@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from mpis.errors import MpisError
 from mpis.export import DEFAULT_MAX_PARAM_GROWTH
+from mpis.export.nir_nodes import subtract_reset_if
 from mpis.export.polyphase import polyphase_conv
 from mpis.model.layers import NearestUp
 from mpis.model.network import MPISNet
@@ -191,7 +192,7 @@ class _Exporter:
         self.fan_in = {n.name: len(n.inputs) + len(n.delayed) for n in net.graph.nodes}
         # (map, phase, neuron node): connected at the end, when the Trans chain into layer 1 exists too
         self.pending: list[tuple[str, Phase, str]] = []
-        self.shiftable: dict[str, object] = {}  # input node of a neuron phase -> node holding its θ / v_init
+        self.shiftable: dict[str, object] = {}  # a neuron phase's input node -> the node holding its θ / v_init
         self.loop = {n.name for n in net.loop_nodes}
         self.loop_grid = min(n.shape[1:] for n in net.loop_nodes)
 
@@ -314,27 +315,22 @@ class _Exporter:
             }
             if self.flavour == "compact":
                 v_init = float(v0_phase.flat[0]) if np.all(v0_phase == v0_phase.flat[0]) else v0_phase
-                spikes = self.add(
-                    base,
-                    nir.IF(
-                        r=ones,
-                        v_threshold=params.vth * ones,
-                        v_reset=0 * ones,
-                        metadata={**meta, "reset": "subtract", "v_init": v_init},
-                    ),
+                neuron = nir.IF(
+                    r=ones,
+                    v_threshold=params.vth * ones,
+                    v_reset=0 * ones,
+                    metadata={**meta, "reset": "subtract", "v_init": v_init},
                 )
-                self.pending.append((node.inputs[0], phase, spikes))
-                self.shiftable[spikes] = self.nodes[-1][1]
+                spikes = inlet = self.add(base, neuron)
             else:
-                integrator = self.add(f"{base}.i", nir.I(r=ones))
-                spikes = self.add(f"{base}.spikes", nir.Threshold(threshold=params.vth - v0_phase, metadata=meta))
-                reset = self.add(f"{base}.reset", nir.Scale(scale=-params.leak * params.vth * ones))
-                self.pending.append((node.inputs[0], phase, integrator))
-                self.shiftable[integrator] = self.nodes[-2][1]
-                self.edges += [(integrator, spikes), (spikes, reset), (reset, integrator)]
-                if params.leak != 1.0:  # LIF: w[t] = w[t−1] + (λ−1)·w[t−1] − λ·Vth·s[t−1] + in[t]
-                    leak = self.add(f"{base}.leak", nir.Scale(scale=(params.leak - 1.0) * ones))
-                    self.edges += [(integrator, leak), (leak, integrator)]
+                nodes, edges = subtract_reset_if(base, v0_phase.shape, params.vth, v0_phase, params.leak, meta)
+                for name, nir_node in nodes.items():
+                    self.add(name, nir_node)
+                self.edges += edges
+                inlet, spikes = f"{base}.i", f"{base}.spikes"
+                neuron = nodes[spikes]
+            self.pending.append((node.inputs[0], phase, inlet))
+            self.shiftable[inlet] = neuron
             self.sources[node.name][phase] = [spikes]
 
     def emit_sum(self, node) -> None:

@@ -15,18 +15,31 @@ import numpy as np
 from mpis.errors import MpisError
 
 
-def subtract_reset_if(name: str, shape: tuple[int, ...], vth: float, v_init: float | np.ndarray = 0.0):
-    """Nodes and edges of one IF layer with reset by subtraction; feed `{name}.i`, read `{name}.spikes`."""
+def subtract_reset_if(
+    name: str,
+    shape: tuple[int, ...],
+    vth: float,
+    v_init: float | np.ndarray = 0.0,
+    leak: float = 1.0,
+    metadata: dict | None = None,
+):
+    """Nodes and edges of one IF layer with reset by subtraction; feed `{name}.i`, read `{name}.spikes`
+    (which carries `metadata`). A leak λ < 1 (LIF) adds a Scale(λ−1) self-loop on the integrator and the
+    reset subtracts λ·Vth: w[t] = w[t−1] + (λ−1)·w[t−1] − λ·Vth·s[t−1] + in[t]."""
     import nir
 
     ones = np.ones(shape, dtype=np.float32)
     threshold = (vth - np.asarray(v_init, dtype=np.float32)) * ones
+    integrator, spikes, reset = f"{name}.i", f"{name}.spikes", f"{name}.reset"
     nodes = {
-        f"{name}.i": nir.I(r=ones),
-        f"{name}.spikes": nir.Threshold(threshold=threshold.astype(np.float32)),
-        f"{name}.reset": nir.Scale(scale=-vth * ones),
+        integrator: nir.I(r=ones),
+        spikes: nir.Threshold(threshold=threshold.astype(np.float32), metadata=dict(metadata or {})),
+        reset: nir.Scale(scale=-leak * vth * ones),
     }
-    edges = [(f"{name}.i", f"{name}.spikes"), (f"{name}.spikes", f"{name}.reset"), (f"{name}.reset", f"{name}.i")]
+    edges = [(integrator, spikes), (spikes, reset), (reset, integrator)]
+    if leak != 1.0:
+        nodes[f"{name}.leak"] = nir.Scale(scale=(leak - 1.0) * ones)
+        edges += [(integrator, f"{name}.leak"), (f"{name}.leak", integrator)]
     return nodes, edges
 
 
