@@ -33,6 +33,14 @@ def test_train_writes_metrics_and_a_checkpoint_that_rebuilds_the_model(tmp_path)
     assert logits.shape == (5, 10) and torch.equal(logits, again)
 
 
+def test_train_with_jac_reg_records_the_loop_jacobian_estimate(tmp_path):
+    assert train_tiny(tmp_path / "plain") == 0 and train_tiny(tmp_path / "reg", "--jac-reg", "1") == 0
+    plain, reg = (json.loads((tmp_path / r / "metrics.jsonl").read_text()) for r in ("plain", "reg"))
+    assert plain["jacobian"] is None
+    assert reg["jacobian"] > 0
+    assert load_checkpoint(tmp_path / "reg" / "model.pt").solver_cfg.jac_reg == 1.0
+
+
 def test_same_seed_gives_the_same_weights_on_cpu(tmp_path):
     train_tiny(tmp_path / "a", "--device", "cpu")
     train_tiny(tmp_path / "b", "--device", "cpu")
@@ -59,6 +67,7 @@ def test_train_refuses_to_overwrite_an_earlier_run(tmp_path, capsys):
         (["--T", "0"], "--T must be >= 1"),
         (["--T", "ten"], "invalid int value"),
         (["--lr", "-1"], "--lr must be > 0"),
+        (["--jac-reg", "-0.5"], "--jac-reg must be >= 0"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
         (["--bogus-flag"], "unrecognized arguments"),
     ],

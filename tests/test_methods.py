@@ -34,8 +34,8 @@ def test_every_neuron_and_loss_option_trains_one_step_without_nan(method, neuron
 def test_bptt_returns_one_output_per_time_step():
     model = one_step("bptt")
     with torch.no_grad():
-        outputs, residual = step_outputs(model.eval(), torch.rand(3, *SHAPE))
-    assert outputs.shape == (6, 3, 10) and residual is None
+        outputs, info = step_outputs(model.eval(), torch.rand(3, *SHAPE))
+    assert outputs.shape == (6, 3, 10) and info is None
 
 
 @pytest.mark.parametrize("method", ["mpis", "bptt"])
@@ -79,3 +79,40 @@ def test_losses_on_a_hand_made_output():
     tets = -(smooth * outputs.log_softmax(-1)).sum(-1).mean()
     assert spiking_loss("tets", outputs, target, smoothing=0.1) == pytest.approx(tets.item())
     assert readout("lts", outputs).argmax().item() == 1
+
+
+def test_jacobian_penalty_is_only_computed_when_training_with_jac_reg():
+    x = torch.rand(4, *SHAPE)
+    plain = build_model(ModelConfig(arch=ARCH), SolverConfig(T=6), TrainConfig(), SHAPE).train()
+    reg = build_model(ModelConfig(arch=ARCH), SolverConfig(T=6, jac_reg=1.0), TrainConfig(), SHAPE)
+    assert plain(x)[1].jacobian is None
+    assert reg.train()(x)[1].jacobian.requires_grad
+    with torch.no_grad():
+        assert reg.eval()(x)[1].jacobian is None
+
+
+def test_descending_the_jacobian_penalty_makes_the_loop_contract():
+    """Gradient steps on the penalty alone shrink the loop map's exact Jacobian at the fixed point."""
+    torch.manual_seed(0)
+    solver = SolverConfig(T=6, forward="rate", jac_reg=1.0)
+    model = build_model(ModelConfig(arch=ARCH, dropout=0.0, vth=0.5), solver, TrainConfig(), SHAPE)
+    x = torch.rand(8, *SHAPE)
+
+    def exact_frobenius() -> float:
+        model.eval()
+        with torch.no_grad():
+            masks = {}
+            z = model.layout.pack(model.solve(x[:1], masks)[0])
+            func = model._map(model.net.explicit_rates(x[:1], masks), masks, "running")
+        jac = torch.autograd.functional.jacobian(func, z)
+        return float(jac.pow(2).sum())
+
+    before = exact_frobenius()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    for _ in range(30):
+        model.train()
+        penalty = model(x)[1].jacobian
+        optimizer.zero_grad()
+        penalty.backward()
+        optimizer.step()
+    assert before > 0 and exact_frobenius() < 0.6 * before

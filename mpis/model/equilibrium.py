@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torchdeq.grad import backward_factory
+from torchdeq.loss import jac_reg
 from torchdeq.solver import get_solver
 
 from mpis.config import SolverConfig
@@ -41,10 +42,12 @@ class StateLayout:
 
 @dataclass
 class SolveInfo:
-    """Relative residual ‖f(r*) − r*‖ / ‖f(r*)‖ per sample, and the forward iterations used."""
+    """Relative residual ‖f(r*) − r*‖ / ‖f(r*)‖ per sample, the forward iterations used, and (training with
+    --jac-reg) the differentiable estimate of ‖J_f(r*)‖²_F / dim."""
 
     residual: Tensor
     steps: int
+    jacobian: Tensor | None = None
 
 
 class EquilibriumModel(nn.Module):
@@ -111,4 +114,8 @@ class EquilibriumModel(nn.Module):
             z_out = func(z_star)
         with torch.no_grad():
             residual = (z_out - z_star).norm(dim=1) / (z_out.norm(dim=1) + 1e-9)
-        return self.net.classify(self.layout.unpack(z_out)), SolveInfo(residual, steps)
+        jacobian = None
+        if self.training and self.solver.jac_reg > 0 and torch.is_grad_enabled():
+            z = z_star.clone().requires_grad_()
+            jacobian = jac_reg(func(z), z)
+        return self.net.classify(self.layout.unpack(z_out)), SolveInfo(residual, steps, jacobian)

@@ -173,7 +173,7 @@ def _train(
         trained.train()
         sampler.set_epoch(epoch)
         start = time.perf_counter()
-        totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, seen, residual sum
+        totals = torch.zeros(5, dtype=torch.float64)  # loss sum, correct, seen, residual sum, Jacobian sum
         bar = tqdm(
             train_loader,
             desc=f"epoch {epoch}/{train_cfg.epochs}",
@@ -186,8 +186,11 @@ def _train(
             x, y = x.to(device), y.to(device)
             if data.augment is not None:
                 x = data.augment(x)
-            outputs, residual = step_outputs(trained, x)
+            outputs, info = step_outputs(trained, x)
             loss = spiking_loss(train_cfg.loss, outputs, y, train_cfg.label_smoothing)
+            jacobian = None if info is None else info.jacobian
+            if jacobian is not None:
+                loss = loss + solver_cfg.jac_reg * jacobian
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -196,8 +199,9 @@ def _train(
                 raise MpisError(f"training diverged at epoch {epoch} (loss {loss.item()}); lower --lr")
             with torch.no_grad():
                 correct = (readout(train_cfg.loss, outputs).argmax(1) == y).sum()
-                res = 0.0 if residual is None else float(residual.sum())
-                totals += torch.tensor([loss.item() * len(y), float(correct), len(y), res], dtype=torch.float64)
+                res = 0.0 if info is None else float(info.residual.sum())
+                jac = 0.0 if jacobian is None else float(jacobian) * len(y)
+                totals += torch.tensor([loss.item() * len(y), float(correct), len(y), res, jac], dtype=torch.float64)
             bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}")
         seconds = time.perf_counter() - start
         if ddp.world > 1:
@@ -215,6 +219,7 @@ def _train(
             "seconds": round(seconds, 3),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             "residual": float(totals[3] / totals[2]) if train_cfg.method == "mpis" else None,
+            "jacobian": float(totals[4] / totals[2]) if solver_cfg.jac_reg > 0 else None,
             "lr": schedule.get_last_lr()[0],
         }
         lines.append(json.dumps(metrics))

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from mpis.config import ModelConfig, SolverConfig, TrainConfig
 from mpis.model.bptt import BPTTModel
-from mpis.model.equilibrium import EquilibriumModel
+from mpis.model.equilibrium import EquilibriumModel, SolveInfo
 from mpis.model.network import MPISNet
 
 
@@ -19,10 +19,10 @@ def build_model(
     return EquilibriumModel(net, solver_cfg)
 
 
-def step_outputs(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Per-step outputs (steps, batch, classes) and, for MPIS, the fixed-point residual per sample."""
+def step_outputs(model: nn.Module, x: Tensor) -> tuple[Tensor, SolveInfo | None]:
+    """Per-step outputs (steps, batch, classes) and, for MPIS, the solve's statistics (residual, Jacobian)."""
     out = model(x)
     if isinstance(out, tuple):  # EquilibriumModel: one output, at the equilibrium
         logits, info = out
-        return logits[None], info.residual
+        return logits[None], info
     return out, None
