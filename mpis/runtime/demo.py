@@ -1,7 +1,7 @@
 """`mpis demo`: the whole pipeline on the embedded digits set, in a few minutes on 2 CPU cores.
 
 Train (project defaults, digits, T = 30, with the Jacobian penalty --jac-reg 1 so the loop contracts and the
-spiking network's rates settle within about 1/T of the rate model's) -> export the ONNX rate graph with every layer's rates, the NIR
+spiking rates settle near the rate model's) -> export the ONNX rate graph with every layer's rates, the NIR
 spiking graph and a Triton model repository -> `mpis check` at T = 10, 30, 100 with v_init 0 and Vth/2
 -> print where every artifact is. An existing --out is refused unless --overwrite is given (and then only
 the files the demo writes are replaced).
