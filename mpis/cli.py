@@ -20,6 +20,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+LAYOUT_HELP = (
+    "graph: run every node as written (nirtorch's spikes, bit for bit); native: run an mpis exact export layer "
+    "by layer in native layout, with the model's FLOPs (float32 spikes differ only by rounding) (default graph)"
+)
+
+
 def _flag_type(annotation: str):
     return {"int": int, "float": float}.get(annotation.split("|")[0].strip(), str)
 
@@ -223,7 +229,7 @@ def _simulate(args: argparse.Namespace) -> int:
     steps = args.T or int(graph.metadata.get("T", 0))
     if steps < 1:
         raise MpisError(f"{args.nir} records no time steps T; pass --T")
-    program = compile_graph(graph, args.device, args.reset)
+    program = compile_graph(graph, args.device, args.reset, layout=args.layout)
     dataset = args.dataset or str(graph.metadata.get("dataset") or "digits")
     split = load_dataset(dataset, args.data_dir, frames=steps)
     if tuple(split.input_shape) != program.input_shape:
@@ -337,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="reset of IF/LIF nodes (default: each node's metadata, else the NIR spec's reset to v_reset); "
         "zero shows what a toolchain that follows the NIR spec literally does with a compact file",
     )
+    simulate.add_argument(
+        "--layout",
+        choices=("graph", "native"),
+        default="graph",
+        help=LAYOUT_HELP,
+    )
     simulate.set_defaults(run=_simulate)
 
     check = commands.add_parser(
@@ -378,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--limit", type=int, help="use only the first N test inputs")
     check.add_argument("--batch", type=int, default=128, help="inputs run at once (default 128)")
     check.add_argument("--device", default="cpu", help="spike runtime device: cpu, cuda or cuda:N (default cpu)")
+    check.add_argument(
+        "--layout",
+        choices=("graph", "native"),
+        default="graph",
+        help=LAYOUT_HELP,
+    )
     check.add_argument("--max-param-growth", type=float, default=DEFAULT_MAX_PARAM_GROWTH, help="as mpis export --nir")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     check.add_argument(

@@ -5,7 +5,9 @@ equilibrium loop lives on the loop's coarsest grid; a map at `factor` f > 1 is s
 nodes of shape (C, G, G) (phase (a, b) holds pixels (f·i + a, f·j + b)). Each linear op (conv, Trans,
 fusion) becomes one small stride-1 `Conv2d` per pair of (input phase, output phase) with a nonzero
 kernel block, found by probing the op with impulses (`polyphase.polyphase_conv`), so stored weights
-stay close to the nonzero taps. Conv ops are composed into edges: op(a + b) = op(a) + op(b), the bias
+stay close to the nonzero taps. Each block's metadata names its op ({"op", "in_phase", "out_phase",
+"in_factor", "out_factor"}), so a runtime can reassemble the op in native layout (`runtime.native`).
+Conv ops are composed into edges: op(a + b) = op(a) + op(b), the bias
 added once per output phase, and the NIR rule "incoming edges are summed" does the adding.
 
 Neurons (exact flavour): `I` + `Threshold` + `Scale(−Vth)` self-loop per phase (reset by subtraction),
@@ -259,6 +261,13 @@ class _Exporter:
                 dilation=1,
                 groups=1,
                 bias=_np(bias),
+                metadata={
+                    "op": prefix,
+                    "in_phase": np.array(phase_in),
+                    "out_phase": np.array(phase_out),
+                    "in_factor": src.factor,
+                    "out_factor": out.factor,
+                },
             )
             name = self.add(prefix + phases, node, late)
             self.connect(self.sources[source][phase_in], name)

@@ -41,6 +41,7 @@ from torch import Tensor
 from mpis.errors import MpisError
 
 RESETS = ("subtract", "zero")
+LAYOUTS = ("graph", "native")
 SUPPORTED = (
     "Input",
     "Output",
@@ -469,6 +470,7 @@ class Program:
     _output_spikes: bool = field(repr=False)  # the Output reads spiking nodes
     _shapes: dict[str, tuple[int, ...]] | None = field(default=None, repr=False)
     _fan_out: dict[str, Tensor] | None = field(default=None, repr=False)
+    native: object | None = field(default=None, repr=False)  # runtime.native.NativeProgram, for layout "native"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -494,6 +496,8 @@ class Program:
                 f"{'x'.join(map(str, expected))} (expected (batch, *shape) or (batch, frames, *shape))"
             )
         x = x.to(self.device, self.dtype)
+        if self.native is not None and not frames:
+            return self.native.run(x, steps, burn_in)
         n = len(self._slots)
         base, state, counts, prev = [None] * n, [None] * n, [None] * n, [None] * n
         static_counts = counts
@@ -539,10 +543,16 @@ class Program:
 
 
 def compile_graph(
-    graph, device: str | torch.device = "cpu", reset: str | None = None, dtype: torch.dtype = torch.float32
+    graph,
+    device: str | torch.device = "cpu",
+    reset: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    layout: str = "graph",
 ) -> Program:
     """Compile a NIR graph (or a .nir file) for `device` and `dtype`; `reset` overrides every IF/LIF node's
-    reset mode (`subtract` or `zero`, default: each node's metadata, else the NIR spec's reset to v_reset)."""
+    reset mode (`subtract` or `zero`, default: each node's metadata, else the NIR spec's reset to v_reset).
+    `layout`: `graph` runs every node as written (nirtorch's spikes, bit for bit); `native` runs an mpis
+    `exact` export per layer in native layout (`runtime.native`: the model's FLOPs, static inputs)."""
 
     if isinstance(graph, str | Path):
         from mpis.export.nir_nodes import read_nir
@@ -550,6 +560,8 @@ def compile_graph(
         graph = read_nir(graph)
     if reset is not None and reset not in RESETS:
         raise MpisError(f"unknown reset {reset!r}; choose one of {', '.join(RESETS)}")
+    if layout not in LAYOUTS:
+        raise MpisError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     device = _device(device)
     like = torch.empty(0, device=device, dtype=dtype)
     unsupported = sorted({type(n).__name__ for n in graph.nodes.values()} - set(SUPPORTED))
@@ -598,7 +610,7 @@ def compile_graph(
             static_ops.append(op)
         else:
             dynamic.append(op)
-    return Program(
+    program = Program(
         graph,
         device,
         dtype,
@@ -614,6 +626,11 @@ def compile_graph(
         output_terms,
         all(type(graph.nodes[s]).__name__ in SPIKING for s in sources[output_node]),
     )
+    if layout == "native":
+        from mpis.runtime.native import compile_native
+
+        program.native = compile_native(program)
+    return program
 
 
 def _device(device: str | torch.device) -> torch.device:

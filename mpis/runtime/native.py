@@ -1,0 +1,368 @@
+"""Run an mpis `exact` NIR graph in each layer's native layout: the same network with the model's FLOPs.
+
+The exporter writes every map of the loop on the loop's coarsest grid (a layer at factor f as f² phase
+nodes) and each linear op as one Conv2d per (input phase, output phase) block, 3–8× the model's own
+multiply-accumulates (README, NIR export). Each block's metadata names its op, so this module rebuilds
+every op in native layout: it runs the op's blocks on one-hot inputs and fits the response as one
+strided or transposed convolution (plus the op's bias map), and checks the fit on random spikes before
+using it. Neurons become one I ⇄ Threshold update per layer. Nodes without op metadata (the stem conv,
+the head) run as they are.
+
+Same time semantics as `simulate.Program`: within a step, ops and layers run in dependency order; what
+the graph reads one step late (the Trans chain) is the previous step's value, nothing at t = 0. Sums run
+in another order than the per-node program, so float64 runs give its spikes, and float32 runs agree up
+to rounding at the threshold (measured in the README).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mpis.errors import MpisError
+from mpis.runtime.simulate import _STATELESS, Program, SimResult, _array, _edges, _find_neurons, _ones
+
+INPUT = "<input>"
+PROBE_CHUNK = 512
+Phase = tuple[int, int]
+
+
+@dataclass
+class _Layer:
+    """A neuron layer: its phase neurons and native-layout parameters (threshold, reset and leak feedback)."""
+
+    name: str
+    factor: int
+    phases: dict[Phase, object]
+    shape: tuple[int, ...] = ()
+    reads: tuple[tuple[str, bool], ...] = ()  # (item, read one step late)
+    threshold: Tensor | None = None
+    spike_scale: Tensor | None = None
+    leak_scale: Tensor | None = None
+    rate: Tensor | None = None
+
+
+@dataclass
+class _Op:
+    """A linear op in native layout: `apply(value of source) -> value`."""
+
+    name: str
+    source: str
+    shape: tuple[int, ...]
+    apply: Callable[[Tensor], Tensor] = field(repr=False)
+    constant: bool = False
+
+
+@dataclass
+class NativeProgram:
+    """`program`'s graph rebuilt per layer and op in native layout; `run` returns the same `SimResult`
+    (spike counts split back into the graph's phase nodes)."""
+
+    program: Program = field(repr=False)
+    layers: dict[str, _Layer]
+    ops: dict[str, _Op]
+    order: tuple[str, ...]  # items computed every step, in dependency order
+    output_reads: tuple[tuple[str, bool], ...]
+    output_rate: Tensor | None  # r of the integrator accumulating the logits (None: the Output reads items)
+    output_shape: tuple[int, ...]
+
+    @torch.inference_mode()
+    def run(self, x: Tensor, steps: int, burn_in: int = 0) -> SimResult:
+        """Called by `Program.run` (which checks the arguments) for a static input `x` (B, *input shape)."""
+        program = self.program
+        constant = {INPUT: x.to(program.device, program.dtype)}
+        for op in self.ops.values():
+            if op.constant:
+                constant[op.name] = op.apply(constant[op.source])
+        v: dict[str, Tensor] = {}
+        prev: dict[str, Tensor] = {}
+        counts: dict[str, Tensor] = {}
+        total = before = out = logits = None
+        for t in range(burn_in + steps):
+            if burn_in and t == burn_in:
+                counts, total, before = {}, None, out
+            cur = dict(constant)
+            for item in self.order:
+                if item in self.ops:
+                    op = self.ops[item]
+                    cur[item] = op.apply(cur[op.source])
+                    continue
+                layer = self.layers[item]
+                current = _sum(layer.reads, cur, prev, (x.shape[0], *layer.shape))
+                if item in v:  # feedback from the last step
+                    if layer.spike_scale is not None:
+                        current = current.addcmul_(prev[item], layer.spike_scale)
+                    if layer.leak_scale is not None:
+                        current = current.add_(v[item] * layer.leak_scale)
+                if layer.rate is not None:
+                    current = layer.rate * current
+                v[item] = current if item not in v else v[item].add_(current)
+                spikes = cur[item] = torch.gt(v[item], layer.threshold, out=torch.empty_like(v[item]))
+                counts[item] = spikes.clone() if item not in counts else counts[item].add_(spikes)
+            out = _sum(self.output_reads, cur, prev, (x.shape[0], *self.output_shape))
+            if self.output_rate is not None:
+                logits = out * self.output_rate if logits is None else logits.add_(out * self.output_rate)
+                out = logits.clone()
+            total = out.clone() if total is None else total.add_(out)
+            prev = cur
+        per_node = {}
+        for layer in self.layers.values():
+            f = layer.factor
+            for (a, b), neuron in layer.phases.items():
+                per_node[neuron.threshold] = counts[layer.name][:, :, a::f, b::f].contiguous()
+        counted = out if before is None else out - before
+        return SimResult(out, total, per_node, steps, total if program._output_spikes else counted)
+
+
+def _sum(reads, cur: dict, prev: dict, shape: tuple[int, ...]) -> Tensor:
+    """The summed input: back-edges read nothing at t = 0; zeros when nothing is there yet."""
+    total, fresh = None, False
+    for item, delayed in reads:
+        value = prev.get(item) if delayed else cur[item]
+        if value is not None:
+            total, fresh = (
+                (value, False) if total is None else ((total.add_(value), True) if fresh else (total + value, True))
+            )
+    if total is not None and not fresh:
+        total = total.clone()
+    if total is None:
+        total = cur[INPUT].new_zeros(shape)
+    return total
+
+
+# ---- fitting an op's blocks as one native convolution ---------------------------------------------
+def _fit(matrix: Tensor, src: tuple[int, ...], dst: tuple[int, ...], bias: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """A strided convolution or an up-sampling one (B, *src) -> (B, *dst) equal to `matrix` (dst size x src
+    size) plus the `bias` map (1, *dst) — fused into the convolution when it is one value per channel."""
+    (ci, hi, wi), (co, ho, wo) = src, dst
+    m = matrix.reshape(co, ho, wo, ci, hi, wi)
+    per_channel = bias[0, :, :1, :1].expand_as(bias[0])
+    fused = bias[0, :, 0, 0] if torch.equal(per_channel, bias[0]) else None
+    extra = bias if fused is None else 0
+    nz = m.abs().sum(dim=(0, 3)).nonzero()  # (y out, x out, y in, x in) with any weight
+    if nz.numel() == 0:
+        return lambda s: bias.expand(s.shape[0], *dst).clone()
+    yo, xo, yi, xi = nz.unbind(1)
+    if hi % ho == 0 and wi % wo == 0:  # convolution, stride hi/ho (1 when the sizes match)
+        sy, sx = hi // ho, wi // wo
+        dy, dx = yi - sy * yo, xi - sx * xo
+        y0, x0 = int(dy.min()), int(dx.min())
+        weight = m.new_zeros(co, ci, int(dy.max()) - y0 + 1, int(dx.max()) - x0 + 1)
+        weight[:, :, dy - y0, dx - x0] = m[:, yo, xo, :, yi, xi].permute(1, 2, 0)
+        kh, kw = weight.shape[2:]
+        if y0 <= 0 and x0 <= 0 and (hi - 2 * y0 - kh) // sy + 1 == ho and (wi - 2 * x0 - kw) // sx + 1 == wo:
+            return lambda s: F.conv2d(s, weight, fused, stride=(sy, sx), padding=(-y0, -x0)) + extra
+        pad = (-x0, (wo - 1) * sx + kw - wi + x0, -y0, (ho - 1) * sy + kh - hi + y0)
+        return lambda s: F.conv2d(F.pad(s, pad), weight, fused, stride=(sy, sx)) + extra
+    if ho % hi == 0 and ho // hi == wo // wi and wo % wi == 0:  # up-sampling by u: a stride-1 conv per output
+        u = ho // hi  # phase, stacked as channels and interleaved by pixel_shuffle (the sub-pixel convolution)
+        phases = matrix.reshape(co, hi, u, wi, u, -1).permute(0, 2, 4, 1, 3, 5).reshape(co * u * u * hi * wi, -1)
+        stacked = bias.reshape(1, co, hi, u, wi, u).permute(0, 1, 3, 5, 2, 4).reshape(1, co * u * u, hi, wi)
+        inner = _fit(phases, src, (co * u * u, hi, wi), stacked)
+        return None if inner is None else (lambda s: F.pixel_shuffle(inner(s), u))
+    return None
+
+
+def _native_op(name: str, blocks, fns: dict, in_shape, factors: tuple[int, int], out_shape, like) -> Callable:
+    """The op as one convolution plus its bias map, fitted to its blocks run on one-hot inputs."""
+    fi, fo = factors
+
+    def blockwise(native: Tensor) -> Tensor:
+        outs: dict[Phase, Tensor] = {}
+        for node, (a, b), phase_out in blocks:
+            value = fns[node](native[:, :, a::fi, b::fi])
+            outs[phase_out] = value if phase_out not in outs else outs[phase_out] + value
+        first = next(iter(outs.values()))
+        out = first.new_zeros(first.shape[0], first.shape[1], first.shape[2] * fo, first.shape[3] * fo)
+        for (a, b), value in outs.items():
+            out[:, :, a::fo, b::fo] = value
+        return out
+
+    bias = blockwise(like.new_zeros(1, *in_shape))
+    size = math.prod(in_shape)
+    rows = []
+    for start in range(0, size, PROBE_CHUNK):
+        n = min(PROBE_CHUNK, size - start)
+        eye = like.new_zeros(n, size)
+        eye[torch.arange(n), torch.arange(start, start + n)] = 1
+        rows.append((blockwise(eye.reshape(n, *in_shape)) - bias).flatten(1))
+    conv = _fit(torch.cat(rows).T, tuple(in_shape), tuple(out_shape), bias)
+    if conv is None:
+        raise MpisError(f"op {name!r} maps {in_shape} to {out_shape}: not a strided or transposed convolution")
+    spikes = (torch.rand(3, *in_shape, generator=torch.Generator().manual_seed(0)) < 0.3).to(like)
+    if not torch.allclose(conv(spikes), blockwise(spikes), rtol=1e-4, atol=1e-4):
+        raise MpisError(f"op {name!r}: its blocks do not form one native convolution")
+    return conv
+
+
+# ---- compiling ------------------------------------------------------------------------------------
+def compile_native(program: Program) -> NativeProgram:
+    """Rebuild `program`'s graph per layer and op in native layout. MpisError when the graph is not an mpis
+    `exact` export (neurons I ⇄ Threshold with layer metadata, linear nodes with op metadata)."""
+    graph = program.graph
+    sources, targets = _edges(graph)
+    neurons = _find_neurons(graph, sources, targets)
+    like = torch.empty(0, device=program.device, dtype=program.dtype)
+    shapes = program.node_shapes()
+    steps = {s.node: s for s in program.steps}
+
+    layers: dict[str, _Layer] = {}
+    for neuron in neurons.values():
+        meta = graph.nodes[neuron.threshold].metadata
+        if "layer" not in meta:
+            raise MpisError(f"neuron {neuron.threshold!r} has no layer metadata: not an mpis export")
+        name, factor = str(meta["layer"]), int(meta.get("factor", 1))
+        layers.setdefault(name, _Layer(name, factor, {})).phases[_phase(meta.get("phase", (0, 0)))] = neuron
+    if not layers:
+        raise MpisError("the graph has no mpis neurons to run in native layout")
+
+    # every graph node that carries a value: (item, phase); the nodes whose sum is an item's phase
+    where: dict[str, tuple[str, Phase]] = {program.input_node: (INPUT, (0, 0))}
+    provides: dict[tuple[str, Phase], set[str]] = {(INPUT, (0, 0)): {program.input_node}}
+    factors: dict[str, tuple[int, int]] = {}
+    op_blocks: dict[str, list] = {}
+    fused = {s for n in neurons.values() for s in n.feedback} | set(neurons)
+    output_i = None
+    output_inputs = sources[program.output_node]
+    if len(output_inputs) == 1 and type(graph.nodes[output_inputs[0]]).__name__ == "I":
+        output_i = output_inputs[0]
+    for layer in layers.values():
+        for phase, neuron in layer.phases.items():
+            where[neuron.threshold] = (layer.name, phase)
+            provides[(layer.name, phase)] = {neuron.threshold}
+    for step in program.steps:
+        node = graph.nodes[step.node]
+        if step.node in fused or step.node in where or step.node == output_i:
+            continue
+        kind = type(node).__name__
+        if kind not in _STATELESS or kind == "Threshold":
+            raise MpisError(f"node {step.node!r} ({kind}) is neither linear nor part of an mpis neuron")
+        meta = node.metadata
+        op = str(meta["op"]) if "op" in meta else step.node
+        phase_in, phase_out = _phase(meta.get("in_phase", (0, 0))), _phase(meta.get("out_phase", (0, 0)))
+        factors[op] = (int(meta.get("in_factor", 1)), int(meta.get("out_factor", 1)))
+        op_blocks.setdefault(op, []).append((step.node, phase_in, phase_out))
+        where[step.node] = (op, phase_out)
+        provides.setdefault((op, phase_out), set()).add(step.node)
+
+    def item_read(nodes: set[str], phase: Phase | None, reader: str) -> str:
+        """The one item whose phase the nodes sum to (an item at factor 1 when phase is None)."""
+        items = {where[n][0] for n in nodes if n in where}
+        if len(items) != 1 or any(n not in where for n in nodes):
+            raise MpisError(f"node {reader!r} sums values that are not one layer or op")
+        item = items.pop()
+        want = phase if phase is not None else where[next(iter(nodes))][1]
+        if provides.get((item, want)) != nodes:
+            raise MpisError(f"node {reader!r} reads part of {item!r} phase {want}")
+        return item
+
+    def reads_of(step, skip=(), phase: Phase | None = None) -> tuple[tuple[str, bool], ...]:
+        groups: dict[bool, set[str]] = {}
+        for source, previous in step.inputs:
+            if source not in skip:
+                groups.setdefault(previous, set()).add(source)
+        out = []
+        for previous, nodes in sorted(groups.items()):
+            by_item: dict[str, set[str]] = {}
+            for n in nodes:
+                by_item.setdefault(where[n][0] if n in where else "?", set()).add(n)
+            out += [(item_read(ns, phase, step.node), previous) for ns in by_item.values()]
+        return tuple(sorted(out))
+
+    # ops: their source item and native shapes
+    ops: dict[str, _Op] = {}
+    fns = {
+        n: _STATELESS[type(graph.nodes[n]).__name__](graph.nodes[n], like) for b in op_blocks.values() for n, *_ in b
+    }
+    item_shape: dict[str, tuple[int, ...]] = {INPUT: tuple(program.input_shape)}
+    for layer in layers.values():
+        c, h, w = shapes[next(iter(layer.phases.values())).threshold]
+        layer.shape = item_shape[layer.name] = (c, h * layer.factor, w * layer.factor)
+    for op, blocks in op_blocks.items():  # in schedule order: a source op comes first
+        fi, fo = factors[op]
+        srcs = {item_read(set(sources[n]), p_in, n) for n, p_in, _ in blocks}
+        if len(srcs) != 1 or any(prev for n, *_ in blocks for _, prev in steps[n].inputs):
+            raise MpisError(f"op {op!r} must read one layer or op, in the same step")
+        source = srcs.pop()
+        out_phase_shape = shapes[blocks[0][0]]
+        out_shape = (
+            (out_phase_shape[0], *(s * fo for s in out_phase_shape[1:]))
+            if len(out_phase_shape) == 3
+            else out_phase_shape
+        )
+        item_shape[op] = tuple(out_shape)
+        if len(blocks) == 1 and fi == fo == 1:
+            apply = fns[blocks[0][0]]
+        else:
+            apply = _native_op(op, blocks, fns, item_shape[source], (fi, fo), out_shape, like)
+        constant = source == INPUT or (source in ops and ops[source].constant)
+        ops[op] = _Op(op, source, tuple(out_shape), apply, constant)
+
+    for layer in layers.values():
+        per_phase = {reads_of(steps[n.i], n.feedback, phase) for phase, n in layer.phases.items()}
+        if len(per_phase) != 1:
+            raise MpisError(f"the phases of layer {layer.name!r} read different maps")
+        layer.reads = per_phase.pop()
+        _neuron_parameters(layer, graph, like)
+    if output_i is not None:
+        output_reads = reads_of(steps[output_i])
+        r = graph.nodes[output_i].r
+        output_rate = _array(np.broadcast_to(r, shapes[output_i]), like)
+    else:
+        output_reads = ((item_read(set(output_inputs), None, program.output_node), False),)
+        output_rate = None
+    output_shape = item_shape[output_reads[0][0]]
+    return NativeProgram(program, layers, ops, _order(layers, ops), output_reads, output_rate, output_shape)
+
+
+def _phase(value) -> Phase:
+    a, b = (int(p) for p in np.atleast_1d(value))
+    return a, b
+
+
+def _neuron_parameters(layer: _Layer, graph, like: Tensor) -> None:
+    """Threshold, integrator rate and feedback scales of every phase, assembled in native layout."""
+    c, h, w = layer.shape[0], layer.shape[1] // layer.factor, layer.shape[2] // layer.factor
+
+    def native(get) -> Tensor:
+        f = layer.factor
+        out = like.new_zeros(c, h * f, w * f)
+        for (a, b), neuron in layer.phases.items():
+            out[:, a::f, b::f] = _array(np.broadcast_to(get(neuron), (c, h, w)), like)
+        return out
+
+    def feedback(neuron, of_spikes: bool):
+        for node, of in neuron.feedback.items():
+            if (of == neuron.threshold) == of_spikes:
+                return graph.nodes[node].scale
+        return 0.0
+
+    layer.threshold = native(lambda n: graph.nodes[n.threshold].threshold)
+    if not all(_ones(graph.nodes[n.i].r) for n in layer.phases.values()):
+        layer.rate = native(lambda n: graph.nodes[n.i].r)
+    for of_spikes, attribute in ((True, "spike_scale"), (False, "leak_scale")):
+        if any((of == n.threshold) == of_spikes for n in layer.phases.values() for of in n.feedback.values()):
+            setattr(layer, attribute, native(lambda n, s=of_spikes: feedback(n, s)))
+
+
+def _order(layers: dict[str, _Layer], ops: dict[str, _Op]) -> tuple[str, ...]:
+    """Non-constant ops and all layers, every same-step input before its reader."""
+    needs = {name: {op.source} for name, op in ops.items() if not op.constant}
+    needs.update({name: {item for item, delayed in layer.reads if not delayed} for name, layer in layers.items()})
+    done = {INPUT} | {name for name, op in ops.items() if op.constant}
+    order: list[str] = []
+    while needs:
+        ready = [name for name, items in needs.items() if items <= done]
+        if not ready:
+            raise MpisError(f"cannot order {', '.join(sorted(needs))}: their same-step inputs form a cycle")
+        for name in ready:
+            order.append(name)
+            done.add(name)
+            del needs[name]
+    return tuple(order)
