@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -9,6 +11,15 @@ TINY_ARCH = "4C3-2F1*(6C3S2-8C3)-FC10"
 @pytest.fixture(autouse=True)
 def _single_thread_determinism():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny graphs: intra-op threads only add synchronisation (and stall on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def contractive_net(arch: str = TINY_ARCH, shape=(1, 8, 8), scale: float = 0.3) -> MPISNet:
@@ -24,6 +35,21 @@ def contractive_net(arch: str = TINY_ARCH, shape=(1, 8, 8), scale: float = 0.3) 
                 net.ops[node.name].bn.weight.fill_(scale)
                 net.ops[node.name].bn.bias.fill_(0.2)
     return net.eval()
+
+
+def spiky_net(arch: str, shape, seed: int = 0, **kwargs) -> MPISNet:
+    """Random weights scaled up so that every layer fires often (a silent net would match trivially)."""
+    torch.manual_seed(seed)
+    net = MPISNet(arch, shape, **kwargs).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)
+    return net
+
+
+def divided_arch(arch: str) -> str:
+    """A paper architecture with every channel count divided by 16 (at least 2): same topology, small."""
+    return re.sub(r"(\d+)C", lambda m: f"{max(2, int(m.group(1)) // 16)}C", arch)
 
 
 @pytest.fixture(scope="session")

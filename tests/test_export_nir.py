@@ -1,12 +1,10 @@
 """NIR export: the file type-checks on reading, and nirtorch running it gives the PyTorch model's spikes."""
 
-import re
-
 import nir
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARCH
+from conftest import TINY_ARCH, divided_arch, spiky_net
 
 from mpis.arch.notation import PAPER_EXAMPLES, parse_arch
 from mpis.cli import main
@@ -20,16 +18,6 @@ from mpis.train.checkpoint import load_checkpoint
 from mpis.train.data import load_dataset
 
 
-def _spiky_net(arch: str, shape, seed: int = 0, **kwargs) -> MPISNet:
-    """Random weights scaled up so that every layer fires often (a silent net would match trivially)."""
-    torch.manual_seed(seed)
-    net = MPISNet(arch, shape, **kwargs).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(3.0)
-    return net
-
-
 def _compare(net: MPISNet, graph, x: torch.Tensor, steps: int) -> tuple[int, int]:
     """(differing, total) spike counts over all neurons: nirtorch on the NIR graph vs net.simulate."""
     _, counts = run_nirtorch(graph, x, steps)
@@ -41,16 +29,12 @@ def _compare(net: MPISNet, graph, x: torch.Tensor, steps: int) -> tuple[int, int
     return differing, sum(w.numel() for w in want.values())
 
 
-def _divided(arch: str) -> str:
-    return re.sub(r"(\d+)C", lambda m: f"{max(2, int(m.group(1)) // 16)}C", arch)
-
-
 @pytest.mark.parametrize("arch", list(PAPER_EXAMPLES))
 def test_every_paper_topology_spikes_like_the_pytorch_model(arch, tmp_path):
     """Written, read back with type checking (nodes come back sorted by name), and run by nirtorch in
     float64 (rounding out of the way): the spike counts must be identical."""
     shape = (2, 8, 8) if PAPER_EXAMPLES[arch][0] == "N-MNIST" else (3, 8, 8)
-    net = _spiky_net(_divided(arch), shape, v_init=0.5)
+    net = spiky_net(divided_arch(arch), shape, v_init=0.5)
     export_nir(net, tmp_path / "net.nir", max_param_growth=100.0)
     graph = read_nir(tmp_path / "net.nir")
     x = torch.rand(2, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -60,7 +44,7 @@ def test_every_paper_topology_spikes_like_the_pytorch_model(arch, tmp_path):
 
 def test_without_a_polyphase_path_the_spikes_are_identical_in_float32():
     """One stream at one resolution: every conv is copied as is, so the sums match bit for bit."""
-    net = _spiky_net("4C3-1F2*(6C3-8C3)-FC10", (1, 8, 8))
+    net = spiky_net("4C3-1F2*(6C3-8C3)-FC10", (1, 8, 8))
     export = build_nir(net)
     assert {layout.factor for layout in export.layouts.values()} == {1}
     x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -95,7 +79,7 @@ def test_trained_checkpoint_exports_a_type_checked_file_that_spikes_like_the_mod
 
 
 def test_compact_flavour_has_one_if_node_per_layer_phase_with_subtract_reset_metadata(tmp_path):
-    net = _spiky_net(TINY_ARCH, (1, 16, 16), v_init=0.25)
+    net = spiky_net(TINY_ARCH, (1, 16, 16), v_init=0.25)
     path = tmp_path / "compact.nir"
     export_nir(net, path, flavour="compact", steps=7)
     graph = read_nir(path)
@@ -109,7 +93,7 @@ def test_compact_flavour_has_one_if_node_per_layer_phase_with_subtract_reset_met
 
 
 def test_initial_potential_option_shifts_every_threshold():
-    net = _spiky_net(TINY_ARCH, (1, 16, 16))
+    net = spiky_net(TINY_ARCH, (1, 16, 16))
     base = build_nir(net).graph
     shifted = build_nir(net, v_init=0.5).graph
     for name, node in base.nodes.items():
@@ -118,7 +102,7 @@ def test_initial_potential_option_shifts_every_threshold():
 
 
 def test_parameter_growth_above_the_limit_is_refused_without_writing(tmp_path):
-    net = _spiky_net(TINY_ARCH, (1, 16, 16))
+    net = spiky_net(TINY_ARCH, (1, 16, 16))
     path = tmp_path / "big.nir"
     with pytest.raises(MpisError, match="max-param-growth"):
         export_nir(net, path, max_param_growth=1.0)

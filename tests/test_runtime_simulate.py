@@ -12,14 +12,7 @@ from mpis.model.network import MPISNet
 from mpis.runtime.nirtorch_map import run_nirtorch
 from mpis.runtime.simulate import compile_graph, dense_macs, fan_out, layer_counts, schedule, synaptic_ops
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The graphs here are tiny: intra-op threads only add synchronisation (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ones(*shape) -> np.ndarray:

@@ -50,10 +50,10 @@ class _Layer:
 
 @dataclass
 class _Op:
-    """A linear op in native layout: `apply(value of source) -> value`."""
+    """A linear op in native layout: `apply(sum of the sources' values) -> value`."""
 
     name: str
-    source: str
+    source: tuple[str, ...]
     shape: tuple[int, ...]
     apply: Callable[[Tensor], Tensor] = field(repr=False)
     constant: bool = False
@@ -79,7 +79,7 @@ class NativeProgram:
         constant = {INPUT: x.to(program.device, program.dtype)}
         for op in self.ops.values():
             if op.constant:
-                constant[op.name] = op.apply(constant[op.source])
+                constant[op.name] = op.apply(_sum(((s, False) for s in op.source), constant, {}, ()))
         v: dict[str, Tensor] = {}
         prev: dict[str, Tensor] = {}
         counts: dict[str, Tensor] = {}
@@ -91,7 +91,12 @@ class NativeProgram:
             for item in self.order:
                 if item in self.ops:
                     op = self.ops[item]
-                    cur[item] = op.apply(cur[op.source])
+                    value = (
+                        cur[op.source[0]]
+                        if len(op.source) == 1
+                        else _sum(((s, False) for s in op.source), cur, prev, ())
+                    )
+                    cur[item] = op.apply(value)
                     continue
                 layer = self.layers[item]
                 current = _sum(layer.reads, cur, prev, (x.shape[0], *layer.shape))
@@ -251,29 +256,27 @@ def compile_native(program: Program) -> NativeProgram:
         where[step.node] = (op, phase_out)
         provides.setdefault((op, phase_out), set()).add(step.node)
 
-    def item_read(nodes: set[str], phase: Phase | None, reader: str) -> str:
-        """The one item whose phase the nodes sum to (an item at factor 1 when phase is None)."""
-        items = {where[n][0] for n in nodes if n in where}
-        if len(items) != 1 or any(n not in where for n in nodes):
-            raise MpisError(f"node {reader!r} sums values that are not one layer or op")
-        item = items.pop()
-        want = phase if phase is not None else where[next(iter(nodes))][1]
-        if provides.get((item, want)) != nodes:
-            raise MpisError(f"node {reader!r} reads part of {item!r} phase {want}")
-        return item
+    def items_read(nodes: set[str], phase: Phase | None, reader: str) -> tuple[str, ...]:
+        """The layers / ops whose phase `phase` the nodes sum to, each read whole (phase None: the nodes'
+        own phase, for readers outside the polyphase layout)."""
+        if any(n not in where for n in nodes):
+            raise MpisError(f"node {reader!r} reads values that are not a layer or an op")
+        by_item: dict[str, set[str]] = {}
+        for n in nodes:
+            by_item.setdefault(where[n][0], set()).add(n)
+        for item, group in by_item.items():
+            want = phase if phase is not None else where[next(iter(group))][1]
+            if provides.get((item, want)) != group:
+                raise MpisError(f"node {reader!r} reads part of {item!r} phase {want}")
+        return tuple(sorted(by_item))
 
     def reads_of(step, skip=(), phase: Phase | None = None) -> tuple[tuple[str, bool], ...]:
         groups: dict[bool, set[str]] = {}
         for source, previous in step.inputs:
             if source not in skip:
                 groups.setdefault(previous, set()).add(source)
-        out = []
-        for previous, nodes in sorted(groups.items()):
-            by_item: dict[str, set[str]] = {}
-            for n in nodes:
-                by_item.setdefault(where[n][0] if n in where else "?", set()).add(n)
-            out += [(item_read(ns, phase, step.node), previous) for ns in by_item.values()]
-        return tuple(sorted(out))
+        reads = [(item, previous) for previous, nodes in groups.items() for item in items_read(nodes, phase, step.node)]
+        return tuple(sorted(reads))
 
     # ops: their source item and native shapes
     ops: dict[str, _Op] = {}
@@ -286,9 +289,9 @@ def compile_native(program: Program) -> NativeProgram:
         layer.shape = item_shape[layer.name] = (c, h * layer.factor, w * layer.factor)
     for op, blocks in op_blocks.items():  # in schedule order: a source op comes first
         fi, fo = factors[op]
-        srcs = {item_read(set(sources[n]), p_in, n) for n, p_in, _ in blocks}
+        srcs = {items_read(set(sources[n]), p_in, n) for n, p_in, _ in blocks}
         if len(srcs) != 1 or any(prev for n, *_ in blocks for _, prev in steps[n].inputs):
-            raise MpisError(f"op {op!r} must read one layer or op, in the same step")
+            raise MpisError(f"op {op!r} must read the same layers or ops in every block, in the same step")
         source = srcs.pop()
         out_phase_shape = shapes[blocks[0][0]]
         out_shape = (
@@ -300,8 +303,8 @@ def compile_native(program: Program) -> NativeProgram:
         if len(blocks) == 1 and fi == fo == 1:
             apply = fns[blocks[0][0]]
         else:
-            apply = _native_op(op, blocks, fns, item_shape[source], (fi, fo), out_shape, like)
-        constant = source == INPUT or (source in ops and ops[source].constant)
+            apply = _native_op(op, blocks, fns, item_shape[source[0]], (fi, fo), out_shape, like)
+        constant = all(s == INPUT or (s in ops and ops[s].constant) for s in source)
         ops[op] = _Op(op, source, tuple(out_shape), apply, constant)
 
     for layer in layers.values():
@@ -315,7 +318,7 @@ def compile_native(program: Program) -> NativeProgram:
         r = graph.nodes[output_i].r
         output_rate = _array(np.broadcast_to(r, shapes[output_i]), like)
     else:
-        output_reads = ((item_read(set(output_inputs), None, program.output_node), False),)
+        output_reads = tuple((item, False) for item in items_read(set(output_inputs), None, program.output_node))
         output_rate = None
     output_shape = item_shape[output_reads[0][0]]
     return NativeProgram(program, layers, ops, _order(layers, ops), output_reads, output_rate, output_shape)
@@ -353,7 +356,7 @@ def _neuron_parameters(layer: _Layer, graph, like: Tensor) -> None:
 
 def _order(layers: dict[str, _Layer], ops: dict[str, _Op]) -> tuple[str, ...]:
     """Non-constant ops and all layers, every same-step input before its reader."""
-    needs = {name: {op.source} for name, op in ops.items() if not op.constant}
+    needs = {name: set(op.source) for name, op in ops.items() if not op.constant}
     needs.update({name: {item for item, delayed in layer.reads if not delayed} for name, layer in layers.items()})
     done = {INPUT} | {name for name, op in ops.items() if op.constant}
     order: list[str] = []
