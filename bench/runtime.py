@@ -2,6 +2,9 @@
 identical spike counts asserted; and vs T x one dense step of the same graph (every Conv2d/Affine once on
 dense inputs, each neuron a clamp: the compute floor of a per-step simulator). With a model at hand (the
 default, or --checkpoint) also vs T x the model's own rate step, which shows what the NIR layout costs.
+For an mpis `exact` export, also the native layout (`--layout native`): its spike counts are asserted
+identical to the per-node runtime's in float64 (16 inputs), and the share of identical counts in float32
+is printed.
 
     python bench/runtime.py                                  # untrained 16C3S1-2F1*(32C3S2-48C3S1)-FC10, digits
     python bench/runtime.py --checkpoint runs/digits/model.pt --T 30 --batches 1 16 64 256
@@ -106,7 +109,7 @@ def model_rate_step(net, x: torch.Tensor):
     return run
 
 
-def measure(graph, program, net, x: torch.Tensor, steps: int, repeats: int):
+def measure(graph, program, native, net, x: torch.Tensor, steps: int, repeats: int):
     """Best time of each method over `repeats` interleaved rounds (a busy machine slows all alike), after
     checking that our spike counts and logits equal nirtorch's; also returns our result."""
     from mpis.runtime.nirtorch_map import run_nirtorch
@@ -119,6 +122,7 @@ def measure(graph, program, net, x: torch.Tensor, steps: int, repeats: int):
     dense = dense_step(program)
     methods = {
         "ours": lambda: program.run(x, steps),
+        **({"native": lambda: native.run(x, steps)} if native is not None else {}),
         "nirtorch": lambda: run_nirtorch(graph, x, steps),
         "dense": lambda: [dense(x) for _ in range(steps)],
     }
@@ -132,6 +136,23 @@ def measure(graph, program, net, x: torch.Tensor, steps: int, repeats: int):
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
     return best, result
+
+
+def native_program(graph, steps: int):
+    """The native-layout program, after checking its spikes equal the per-node program's in float64."""
+    from mpis.errors import MpisError
+    from mpis.runtime.simulate import compile_graph
+
+    try:
+        exact = compile_graph(graph, dtype=torch.float64, layout="native")
+    except MpisError as err:
+        print(f"native layout not available: {err}")
+        return None
+    x = inputs(exact.input_shape, 16).double()
+    want, got = compile_graph(graph, dtype=torch.float64).run(x, steps), exact.run(x, steps)
+    if not all(torch.equal(c, got.spike_counts[n]) for n, c in want.spike_counts.items()):
+        raise SystemExit("native layout: float64 spike counts differ from the per-node runtime's")
+    return compile_graph(graph, layout="native")
 
 
 def main() -> None:
@@ -149,15 +170,19 @@ def main() -> None:
 
     graph, net, what = load_graph(args)
     program = compile_graph(graph)
+    native = native_program(graph, args.T)
     kinds: dict[str, int] = {}
     for node in graph.nodes.values():
         kinds[type(node).__name__] = kinds.get(type(node).__name__, 0) + 1
     print(f"{what}: {len(graph.nodes)} nodes ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})")
     print(f"T = {args.T}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), cpu; best of {args.repeats}")
     header = f"{'batch':>5} {'ours s':>8} {'nirtorch s':>10} {'speed-up':>8} {'T x dense s':>11} {'ours/dense':>10}"
-    print(header + (f" {'T x model s':>11} {'ours/model':>10}" if net is not None else "") + "  mean rate")
+    header += f" {'T x model s':>11} {'ours/model':>10}" if net is not None else ""
+    header += f" {'native s':>9} {'vs nirtorch':>11} {'native/model':>12} {'same counts':>11}" if native else ""
+    print(header + "  mean rate")
     for batch in args.batches:
-        best, result = measure(graph, program, net, inputs(program.input_shape, batch), args.T, args.repeats)
+        x = inputs(program.input_shape, batch)
+        best, result = measure(graph, program, native, net, x, args.T, args.repeats)
         spikes = sum(float(c.sum()) for c in result.spike_counts.values())
         neurons = sum(c[0].numel() for c in result.spike_counts.values())
         row = (
@@ -166,8 +191,16 @@ def main() -> None:
         )
         if "model" in best:
             row += f" {best['model']:>11.3f} {best['ours'] / best['model']:>9.2f}x"
+        if native is not None:
+            counts = native.run(x, args.T).spike_counts
+            same = sum(int((c == counts[n]).sum()) for n, c in result.spike_counts.items()) / (batch * neurons)
+            row += f" {best['native']:>9.3f} {best['nirtorch'] / best['native']:>10.2f}x"
+            row += f" {best['native'] / best['model']:>11.2f}x" if "model" in best else f" {'':>12}"
+            row += f" {same:>10.4%}"
         print(f"{row}  {spikes / (batch * args.T * neurons):.4f}")
-    print("identical spike counts and logits to nirtorch at every batch")
+    print("per-node runtime: identical spike counts and logits to nirtorch at every batch")
+    if native is not None:
+        print("native layout: identical spike counts to the per-node runtime in float64 (16 inputs)")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ class _Layer:
     phases: dict[Phase, object]
     shape: tuple[int, ...] = ()
     reads: tuple[tuple[str, bool], ...] = ()  # (item, read one step late)
+    merged: tuple[_Merged, ...] = ()
     threshold: Tensor | None = None
     spike_scale: Tensor | None = None
     leak_scale: Tensor | None = None
@@ -57,6 +58,30 @@ class _Op:
     shape: tuple[int, ...]
     apply: Callable[[Tensor], Tensor] = field(repr=False)
     constant: bool = False
+    conv: _Conv | None = field(default=None, repr=False)  # the op as a convolution, when it is one
+
+
+@dataclass
+class _Merged:
+    """Ops with the same convolution read by one layer, run as one: conv(sum of their inputs) + their biases.
+    A member read one step late contributes nothing (input or bias) at t = 0, as in the graph."""
+
+    conv: _Conv = field(repr=False)
+    inputs: tuple[tuple[str, bool], ...]  # (the members' sources, read one step late)
+    bias_first: Tensor | None  # the biases present at t = 0 (members read in the same step), (C, H, W)
+    bias_later: Tensor | None  # every member's bias, from t = 1 on
+
+    def __call__(self, cur: dict, prev: dict) -> Tensor | None:
+        total = None
+        for item, delayed in self.inputs:
+            value = prev.get(item) if delayed else cur[item]
+            if value is not None:
+                total = value if total is None else total + value
+        if total is None:
+            return None
+        bias = self.bias_later if prev else self.bias_first
+        out = self.conv(total, with_bias=False)
+        return out if bias is None else out.add_(bias)
 
 
 @dataclass
@@ -99,15 +124,34 @@ class NativeProgram:
                     cur[item] = op.apply(value)
                     continue
                 layer = self.layers[item]
-                current = _sum(layer.reads, cur, prev, (x.shape[0], *layer.shape))
-                if item in v:  # feedback from the last step
-                    if layer.spike_scale is not None:
-                        current = current.addcmul_(prev[item], layer.spike_scale)
+                if item in v and layer.rate is None:  # v += inputs + feedback, in place
+                    membrane = v[item]
                     if layer.leak_scale is not None:
-                        current = current.add_(v[item] * layer.leak_scale)
-                if layer.rate is not None:
-                    current = layer.rate * current
-                v[item] = current if item not in v else v[item].add_(current)
+                        membrane = membrane.mul_(layer.leak_scale + 1)
+                    for source, delayed in layer.reads:
+                        value = prev.get(source) if delayed else cur[source]
+                        if value is not None:
+                            membrane = membrane.add_(value)
+                    for group in layer.merged:
+                        value = group(cur, prev)
+                        if value is not None:
+                            membrane = membrane.add_(value)
+                    if layer.spike_scale is not None:
+                        membrane = membrane.addcmul_(prev[item], layer.spike_scale)
+                else:
+                    current = _sum(layer.reads, cur, prev, (x.shape[0], *layer.shape))
+                    for group in layer.merged:
+                        value = group(cur, prev)
+                        if value is not None:
+                            current = current.add_(value)
+                    if item in v:  # feedback from the last step
+                        if layer.spike_scale is not None:
+                            current = current.addcmul_(prev[item], layer.spike_scale)
+                        if layer.leak_scale is not None:
+                            current = current.add_(v[item] * layer.leak_scale)
+                    if layer.rate is not None:
+                        current = layer.rate * current
+                    v[item] = current if item not in v else v[item].add_(current)
                 spikes = cur[item] = torch.gt(v[item], layer.threshold, out=torch.empty_like(v[item]))
                 counts[item] = spikes.clone() if item not in counts else counts[item].add_(spikes)
             out = _sum(self.output_reads, cur, prev, (x.shape[0], *self.output_shape))
@@ -142,17 +186,48 @@ def _sum(reads, cur: dict, prev: dict, shape: tuple[int, ...]) -> Tensor:
 
 
 # ---- fitting an op's blocks as one native convolution ---------------------------------------------
-def _fit(matrix: Tensor, src: tuple[int, ...], dst: tuple[int, ...], bias: Tensor) -> Callable[[Tensor], Tensor] | None:
-    """A strided convolution or an up-sampling one (B, *src) -> (B, *dst) equal to `matrix` (dst size x src
-    size) plus the `bias` map (1, *dst) — fused into the convolution when it is one value per channel."""
+@dataclass(eq=False)
+class _Conv:
+    """A fitted native convolution: `conv(x) = F.conv2d / F.conv_transpose2d(pad(x), weight, bias) + extra`,
+    with `bias` the per-channel part of the op's bias map and `extra` the rest (None when there is none)."""
+
+    transposed: bool
+    weight: Tensor
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    output_padding: tuple[int, int] = (0, 0)
+    pad: tuple[int, int, int, int] | None = None  # explicit zero padding (negative: crop) around the result
+    bias: Tensor | None = None
+    extra: Tensor | None = None
+
+    def __call__(self, s: Tensor, with_bias: bool = True) -> Tensor:
+        bias = self.bias if with_bias else None
+        if self.transposed:
+            out = F.conv_transpose2d(s, self.weight, bias, self.stride, self.padding, self.output_padding)
+        else:
+            out = F.conv2d(s if self.pad is None else F.pad(s, self.pad), self.weight, bias, self.stride, self.padding)
+        if self.transposed and self.pad is not None:
+            out = F.pad(out, self.pad)
+        return out if self.extra is None or not with_bias else out + self.extra
+
+    def same_map(self, other: _Conv) -> bool:
+        """Same weights and geometry: conv(a) + conv(b) = conv(a + b), up to the biases."""
+        geometry = (self.transposed, self.stride, self.padding, self.output_padding, self.pad)
+        return geometry == (other.transposed, other.stride, other.padding, other.output_padding, other.pad) and (
+            self.weight.shape == other.weight.shape and torch.allclose(self.weight, other.weight, rtol=1e-5, atol=1e-6)
+        )
+
+
+def _fit(matrix: Tensor, src: tuple[int, ...], dst: tuple[int, ...], bias: Tensor) -> _Conv | None:
+    """A strided or transposed convolution (B, *src) -> (B, *dst) equal to `matrix` (dst size x src size)
+    plus the `bias` map (1, *dst)."""
     (ci, hi, wi), (co, ho, wo) = src, dst
     m = matrix.reshape(co, ho, wo, ci, hi, wi)
     per_channel = bias[0, :, :1, :1].expand_as(bias[0])
-    fused = bias[0, :, 0, 0] if torch.equal(per_channel, bias[0]) else None
-    extra = bias if fused is None else 0
+    fused, extra = (bias[0, :, 0, 0], None) if torch.equal(per_channel, bias[0]) else (None, bias)
     nz = m.abs().sum(dim=(0, 3)).nonzero()  # (y out, x out, y in, x in) with any weight
     if nz.numel() == 0:
-        return lambda s: bias.expand(s.shape[0], *dst).clone()
+        nz = torch.zeros(1, 4, dtype=torch.long)
     yo, xo, yi, xi = nz.unbind(1)
     if hi % ho == 0 and wi % wo == 0:  # convolution, stride hi/ho (1 when the sizes match)
         sy, sx = hi // ho, wi // wo
@@ -162,19 +237,25 @@ def _fit(matrix: Tensor, src: tuple[int, ...], dst: tuple[int, ...], bias: Tenso
         weight[:, :, dy - y0, dx - x0] = m[:, yo, xo, :, yi, xi].permute(1, 2, 0)
         kh, kw = weight.shape[2:]
         if y0 <= 0 and x0 <= 0 and (hi - 2 * y0 - kh) // sy + 1 == ho and (wi - 2 * x0 - kw) // sx + 1 == wo:
-            return lambda s: F.conv2d(s, weight, fused, stride=(sy, sx), padding=(-y0, -x0)) + extra
+            return _Conv(False, weight, (sy, sx), (-y0, -x0), bias=fused, extra=extra)
         pad = (-x0, (wo - 1) * sx + kw - wi + x0, -y0, (ho - 1) * sy + kh - hi + y0)
-        return lambda s: F.conv2d(F.pad(s, pad), weight, fused, stride=(sy, sx)) + extra
-    if ho % hi == 0 and ho // hi == wo // wi and wo % wi == 0:  # up-sampling by u: a stride-1 conv per output
-        u = ho // hi  # phase, stacked as channels and interleaved by pixel_shuffle (the sub-pixel convolution)
-        phases = matrix.reshape(co, hi, u, wi, u, -1).permute(0, 2, 4, 1, 3, 5).reshape(co * u * u * hi * wi, -1)
-        stacked = bias.reshape(1, co, hi, u, wi, u).permute(0, 1, 3, 5, 2, 4).reshape(1, co * u * u, hi, wi)
-        inner = _fit(phases, src, (co * u * u, hi, wi), stacked)
-        return None if inner is None else (lambda s: F.pixel_shuffle(inner(s), u))
+        return _Conv(False, weight, (sy, sx), (0, 0), pad=pad, bias=fused, extra=extra)
+    if ho % hi == 0 and wo % wi == 0:  # transposed convolution, stride ho/hi
+        uy, ux = ho // hi, wo // wi
+        dy, dx = yo - uy * yi, xo - ux * xi
+        y0, x0 = int(dy.min()), int(dx.min())
+        weight = m.new_zeros(ci, co, int(dy.max()) - y0 + 1, int(dx.max()) - x0 + 1)
+        weight[:, :, dy - y0, dx - x0] = m[:, yo, xo, :, yi, xi].permute(2, 1, 0)
+        kh, kw = weight.shape[2:]
+        out_pad = (ho - ((hi - 1) * uy + 2 * y0 + kh), wo - ((wi - 1) * ux + 2 * x0 + kw))
+        if y0 <= 0 and x0 <= 0 and 0 <= out_pad[0] < uy and 0 <= out_pad[1] < ux:
+            return _Conv(True, weight, (uy, ux), (-y0, -x0), out_pad, bias=fused, extra=extra)
+        pad = (x0, wo - x0 - (wi - 1) * ux - kw, y0, ho - y0 - (hi - 1) * uy - kh)
+        return _Conv(True, weight, (uy, ux), (0, 0), pad=pad, bias=fused, extra=extra)
     return None
 
 
-def _native_op(name: str, blocks, fns: dict, in_shape, factors: tuple[int, int], out_shape, like) -> Callable:
+def _native_op(name: str, blocks, fns: dict, in_shape, factors: tuple[int, int], out_shape, like) -> _Conv:
     """The op as one convolution plus its bias map, fitted to its blocks run on one-hot inputs."""
     fi, fo = factors
 
@@ -301,17 +382,18 @@ def compile_native(program: Program) -> NativeProgram:
         )
         item_shape[op] = tuple(out_shape)
         if len(blocks) == 1 and fi == fo == 1:
+            conv = _node_conv(graph.nodes[blocks[0][0]], like)
             apply = fns[blocks[0][0]]
         else:
-            apply = _native_op(op, blocks, fns, item_shape[source[0]], (fi, fo), out_shape, like)
+            conv = apply = _native_op(op, blocks, fns, item_shape[source[0]], (fi, fo), out_shape, like)
         constant = all(s == INPUT or (s in ops and ops[s].constant) for s in source)
-        ops[op] = _Op(op, source, tuple(out_shape), apply, constant)
+        ops[op] = _Op(op, source, tuple(out_shape), apply, constant, conv)
 
     for layer in layers.values():
         per_phase = {reads_of(steps[n.i], n.feedback, phase) for phase, n in layer.phases.items()}
         if len(per_phase) != 1:
             raise MpisError(f"the phases of layer {layer.name!r} read different maps")
-        layer.reads = per_phase.pop()
+        layer.reads, layer.merged = _merge(per_phase.pop(), ops, layer.shape, like)
         _neuron_parameters(layer, graph, like)
     if output_i is not None:
         output_reads = reads_of(steps[output_i])
@@ -321,7 +403,62 @@ def compile_native(program: Program) -> NativeProgram:
         output_reads = tuple((item, False) for item in items_read(set(output_inputs), None, program.output_node))
         output_rate = None
     output_shape = item_shape[output_reads[0][0]]
+    needed = {item for layer in layers.values() for item, _ in layer.reads}
+    needed |= {item for layer in layers.values() for m in layer.merged for item, _ in m.inputs}
+    needed |= {item for item, _ in output_reads}
+    for name in reversed(list(ops)):  # an op feeds only later ops: one backward pass finds every one needed
+        if name in needed:
+            needed |= set(ops[name].source)
+    ops = {name: op for name, op in ops.items() if name in needed}
     return NativeProgram(program, layers, ops, _order(layers, ops), output_reads, output_rate, output_shape)
+
+
+def _node_conv(node, like: Tensor) -> _Conv | None:
+    """A plain NIR Conv2d node as a `_Conv` (so that it can merge with fitted ops of the same weights)."""
+    if type(node).__name__ != "Conv2d" or isinstance(node.padding, str) or int(node.groups) != 1:
+        return None
+    if tuple(np.atleast_1d(node.dilation)) not in ((1,), (1, 1)):
+        return None
+    weight, bias = _array(node.weight, like), _array(node.bias, like)
+    stride, padding = (tuple(int(v) for v in np.broadcast_to(np.atleast_1d(x), 2)) for x in (node.stride, node.padding))
+    return _Conv(False, weight, stride, padding, bias=bias.expand(weight.shape[0]).contiguous())
+
+
+def _merge(reads, ops: dict[str, _Op], shape, like: Tensor) -> tuple[tuple, tuple[_Merged, ...]]:
+    """Split a layer's reads into plain ones and groups of ops with one convolution (conv(a) + conv(b) =
+    conv(a + b): the model's single conv on a summed input, where the graph split it by source)."""
+    groups: list[list[tuple[_Op, bool]]] = []
+    plain = []
+    for item, delayed in reads:
+        op = ops.get(item)
+        if op is None or op.conv is None:
+            plain.append((item, delayed))
+            continue
+        for group in groups:
+            if group[0][0].conv.same_map(op.conv):
+                group.append((op, delayed))
+                break
+        else:
+            groups.append([(op, delayed)])
+    merged = []
+    for group in groups:
+        if len(group) == 1:
+            plain.append((group[0][0].name, group[0][1]))
+            continue
+
+        def bias_sum(members) -> Tensor | None:
+            total = None
+            for op, _ in members:
+                for part in (op.conv.bias, op.conv.extra):
+                    if part is not None:
+                        part = part.reshape(-1, 1, 1) if part.dim() == 1 else part[0]
+                        total = part.expand(shape).clone() if total is None else total + part
+            return total
+
+        inputs = tuple((source, delayed) for op, delayed in group for source in op.source)
+        first = bias_sum([m for m in group if not m[1]])
+        merged.append(_Merged(group[0][0].conv, inputs, first, bias_sum(group)))
+    return tuple(sorted(plain)), tuple(merged)
 
 
 def _phase(value) -> Phase:
@@ -357,7 +494,9 @@ def _neuron_parameters(layer: _Layer, graph, like: Tensor) -> None:
 def _order(layers: dict[str, _Layer], ops: dict[str, _Op]) -> tuple[str, ...]:
     """Non-constant ops and all layers, every same-step input before its reader."""
     needs = {name: set(op.source) for name, op in ops.items() if not op.constant}
-    needs.update({name: {item for item, delayed in layer.reads if not delayed} for name, layer in layers.items()})
+    for name, layer in layers.items():
+        reads = [*layer.reads, *(read for group in layer.merged for read in group.inputs)]
+        needs[name] = {item for item, delayed in reads if not delayed}
     done = {INPUT} | {name for name, op in ops.items() if op.constant}
     order: list[str] = []
     while needs:
