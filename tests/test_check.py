@@ -98,6 +98,18 @@ def test_report_numbers_match_an_independent_run_of_the_artifacts(checked):
     assert row["agreement"] == pytest.approx(agreement)
 
 
+def test_native_layout_gives_the_same_report_up_to_float32_rounding(checked, checkpoint, tmp_path):
+    folder = tmp_path / "native"
+    args = ["check", str(checkpoint), "--T", "2,5", "--report", str(folder), "--min-agreement", "0", *FAST]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*args, "--layout", "native"]) == 0
+    graph, native = (json.loads((f / "report.json").read_text())["rows"] for f in (checked[2], folder))
+    for want, got in zip(graph, native, strict=True):
+        assert got["agreement"] == pytest.approx(want["agreement"], abs=1 / 24)
+        for layer in LAYERS:
+            assert got["layers"][layer]["mean_abs"] == pytest.approx(want["layers"][layer]["mean_abs"], abs=2e-3)
+
+
 def test_loglog_slope_of_an_exact_power_law_and_with_zeros():
     assert loglog_slope([10, 30, 100], [0.5 / t for t in (10, 30, 100)]) == pytest.approx(-1.0)
     assert loglog_slope([10, 100], [0.1, 0.1]) == pytest.approx(0.0)

@@ -5,8 +5,10 @@ nodes) and each linear op as one Conv2d per (input phase, output phase) block, 3
 multiply-accumulates (README, NIR export). Each block's metadata names its op, so this module rebuilds
 every op in native layout: it runs the op's blocks on one-hot inputs and fits the response as one
 strided or transposed convolution (plus the op's bias map), and checks the fit on random spikes before
-using it. Neurons become one I ⇄ Threshold update per layer. Nodes without op metadata (the stem conv,
-the head) run as they are.
+using it. Where the graph split one of the model's convs by source (`s1_l2_conv.from_s1_l1`,
+`.from_fuse2to1`), the ops have the same weights and run as one conv on the summed input, as the model
+does. Neurons become one I ⇄ Threshold update per layer. Nodes without op metadata (the stem conv, the
+head) run as they are.
 
 Same time semantics as `simulate.Program`: within a step, ops and layers run in dependency order; what
 the graph reads one step late (the Trans chain) is the previous step's value, nothing at t = 0. Sums run

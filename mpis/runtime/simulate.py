@@ -629,7 +629,10 @@ def compile_graph(
     if layout == "native":
         from mpis.runtime.native import compile_native
 
-        program.native = compile_native(program)
+        try:
+            program.native = compile_native(program)
+        except MpisError as err:
+            raise MpisError(f"cannot run this graph in native layout ({err}); use --layout graph") from None
     return program
 
 
