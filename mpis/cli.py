@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="folder for every artifact (default runs/demo)")
     demo.add_argument("--epochs", type=int, default=25, help="training epochs (default 25)")
     demo.add_argument(
-        "--jac-reg", type=float, default=1.0, help="Jacobian penalty weight, as mpis train --jac-reg (default 1)"
+        "--jac-reg", type=float, default=2.0, help="Jacobian penalty weight, as mpis train --jac-reg (default 2)"
     )
     demo.add_argument("--T", type=int, default=30, help="training time steps, also the ONNX export's K (default 30)")
     demo.add_argument("--check-T", default="10,30,100", help="T list of the check (default 10,30,100)")

@@ -1,6 +1,6 @@
 """`mpis demo`: the whole pipeline on the embedded digits set, in a few minutes on 2 CPU cores.
 
-Train (project defaults, digits, T = 30, with the Jacobian penalty --jac-reg 1 so the loop contracts and the
+Train (project defaults, digits, T = 30, with the Jacobian penalty --jac-reg 2 so the loop contracts and the
 spiking rates settle near the rate model's) -> export the ONNX rate graph with every layer's rates, the NIR
 spiking graph and a Triton model repository -> `mpis check` at T = 10, 30, 100 with v_init 0 and Vth/2
 -> print where every artifact is. An existing --out is refused unless --overwrite is given (and then only
@@ -19,7 +19,7 @@ from mpis.errors import MpisError
 DEMO_STEPS = (10, 30, 100)
 DEMO_V_INITS = "0,0.5vth"
 DEMO_EPOCHS = 25
-DEMO_JAC_REG = 1.0
+DEMO_JAC_REG = 2.0
 
 
 def run_demo(*args, threads: int = 1, **kwargs) -> tuple[list[str], object]:
