@@ -103,7 +103,9 @@ def test_native_layout_gives_the_same_report_up_to_float32_rounding(checked, che
     args = ["check", str(checkpoint), "--T", "2,5", "--report", str(folder), "--min-agreement", "0", *FAST]
     with contextlib.redirect_stdout(io.StringIO()):
         assert main([*args, "--layout", "native"]) == 0
-    graph, native = (json.loads((f / "report.json").read_text())["rows"] for f in (checked[2], folder))
+    graph, native = (json.loads((f / "report.json").read_text()) for f in (checked[2], folder))
+    assert (graph["layout"], native["layout"]) == ("graph", "native")
+    graph, native = graph["rows"], native["rows"]
     for want, got in zip(graph, native, strict=True):
         assert got["agreement"] == pytest.approx(want["agreement"], abs=1 / 24)
         for layer in LAYERS:

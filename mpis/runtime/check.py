@@ -238,6 +238,7 @@ class CheckReport:
     seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
     burn_in: int = 0
+    layout: str = "graph"  # how the spike runtime ran the NIR graph
 
     def row(self, v_init: str, steps: int) -> Row:
         return next(r for r in self.rows if r.v_init == v_init and r.steps == steps)
@@ -269,6 +270,7 @@ class CheckReport:
             "inputs": self.inputs,
             "T": list(self.steps),
             "burn_in": self.burn_in,
+            "layout": self.layout,
             "v_init": [{"label": v.label, "value": v.value} for v in self.v_inits],
             "vth": self.vth,
             "reference": {
@@ -289,7 +291,8 @@ class CheckReport:
         head = [
             f"{self.checkpoint}: {self.dataset} test set, {self.inputs} inputs; reference: ONNX Runtime, DBReLU "
             f"rates after K = {self.iterations} iterations"
-            + (f"; spikes counted after a burn-in of {self.burn_in} steps" if self.burn_in else ""),
+            + (f"; spikes counted after a burn-in of {self.burn_in} steps" if self.burn_in else "")
+            + ("; spike runtime in native layout" if self.layout == "native" else ""),
             f"  reference on the first {self.reference['inputs']} inputs: |r_K - r_K-1| mean "
             f"{self.reference['residual_mean_abs']:.1e}, max {self.reference['residual_max_abs']:.1e} (PyTorch); "
             f"ONNX Runtime vs PyTorch max |Δrate| {self.reference['onnx_vs_torch_max_abs']:.1e}",
@@ -616,6 +619,7 @@ def _run_check(opts: CheckOptions) -> CheckReport:
         opts.min_agreement,
         time.perf_counter() - start,
         burn_in=opts.burn_in,
+        layout=opts.layout,
     )
 
 
