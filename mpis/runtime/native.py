@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mpis.errors import MpisError
+from mpis.export.nir import native_layer
 from mpis.runtime.simulate import _STATELESS, Program, SimResult, _array, _edges, _find_neurons, _ones
 
 INPUT = "<input>"
@@ -126,35 +127,30 @@ class NativeProgram:
                     cur[item] = op.apply(value)
                     continue
                 layer = self.layers[item]
-                if item in v and layer.rate is None:  # v += inputs + feedback, in place
-                    membrane = v[item]
-                    if layer.leak_scale is not None:
-                        membrane = membrane.mul_(layer.leak_scale + 1)
-                    for source, delayed in layer.reads:
-                        value = prev.get(source) if delayed else cur[source]
-                        if value is not None:
-                            membrane = membrane.add_(value)
-                    for group in layer.merged:
-                        value = group(cur, prev)
-                        if value is not None:
-                            membrane = membrane.add_(value)
-                    if layer.spike_scale is not None:
-                        membrane = membrane.addcmul_(prev[item], layer.spike_scale)
-                else:
-                    current = _sum(layer.reads, cur, prev, (x.shape[0], *layer.shape))
-                    for group in layer.merged:
-                        value = group(cur, prev)
-                        if value is not None:
-                            current = current.add_(value)
-                    if item in v:  # feedback from the last step
-                        if layer.spike_scale is not None:
-                            current = current.addcmul_(prev[item], layer.spike_scale)
-                        if layer.leak_scale is not None:
-                            current = current.add_(v[item] * layer.leak_scale)
-                    if layer.rate is not None:
-                        current = layer.rate * current
-                    v[item] = current if item not in v else v[item].add_(current)
-                spikes = cur[item] = torch.gt(v[item], layer.threshold, out=torch.empty_like(v[item]))
+                membrane = v.get(item)
+                if membrane is None:  # the integrator starts at 0
+                    membrane = v[item] = cur[INPUT].new_zeros(x.shape[0], *layer.shape)
+                # v += r·(inputs + feedback): summed straight into v when r = 1
+                charge = membrane if layer.rate is None else torch.zeros_like(membrane)
+                if layer.leak_scale is not None:
+                    charge = (
+                        charge.mul_(layer.leak_scale + 1)
+                        if charge is membrane
+                        else charge.addcmul_(membrane, layer.leak_scale)
+                    )
+                for source, delayed in layer.reads:
+                    value = prev.get(source) if delayed else cur[source]
+                    if value is not None:
+                        charge = charge.add_(value)
+                for group in layer.merged:
+                    value = group(cur, prev)
+                    if value is not None:
+                        charge = charge.add_(value)
+                if layer.spike_scale is not None and item in prev:  # the reset of the last step's spikes
+                    charge = charge.addcmul_(prev[item], layer.spike_scale)
+                if layer.rate is not None:
+                    membrane.addcmul_(layer.rate, charge)
+                spikes = cur[item] = torch.gt(membrane, layer.threshold, out=torch.empty_like(membrane))
                 counts[item] = spikes.clone() if item not in counts else counts[item].add_(spikes)
             out = _sum(self.output_reads, cur, prev, (x.shape[0], *self.output_shape))
             if self.output_rate is not None:
@@ -172,18 +168,13 @@ class NativeProgram:
 
 
 def _sum(reads, cur: dict, prev: dict, shape: tuple[int, ...]) -> Tensor:
-    """The summed input: back-edges read nothing at t = 0; zeros when nothing is there yet."""
-    total, fresh = None, False
-    for item, delayed in reads:
-        value = prev.get(item) if delayed else cur[item]
-        if value is not None:
-            total, fresh = (
-                (value, False) if total is None else ((total.add_(value), True) if fresh else (total + value, True))
-            )
-    if total is not None and not fresh:
-        total = total.clone()
-    if total is None:
-        total = cur[INPUT].new_zeros(shape)
+    """The summed input (a fresh tensor): back-edges read nothing at t = 0; zeros when nothing is there."""
+    values = [value for item, delayed in reads if (value := prev.get(item) if delayed else cur[item]) is not None]
+    if not values:
+        return cur[INPUT].new_zeros(shape)
+    total = values[0].clone()
+    for value in values[1:]:
+        total = total.add_(value)
     return total
 
 
@@ -266,11 +257,7 @@ def _native_op(name: str, blocks, fns: dict, in_shape, factors: tuple[int, int],
         for node, (a, b), phase_out in blocks:
             value = fns[node](native[:, :, a::fi, b::fi])
             outs[phase_out] = value if phase_out not in outs else outs[phase_out] + value
-        first = next(iter(outs.values()))
-        out = first.new_zeros(first.shape[0], first.shape[1], first.shape[2] * fo, first.shape[3] * fo)
-        for (a, b), value in outs.items():
-            out[:, :, a::fo, b::fo] = value
-        return out
+        return native_layer(outs, fo)
 
     bias = blockwise(like.new_zeros(1, *in_shape))
     size = math.prod(in_shape)
@@ -473,11 +460,8 @@ def _neuron_parameters(layer: _Layer, graph, like: Tensor) -> None:
     c, h, w = layer.shape[0], layer.shape[1] // layer.factor, layer.shape[2] // layer.factor
 
     def native(get) -> Tensor:
-        f = layer.factor
-        out = like.new_zeros(c, h * f, w * f)
-        for (a, b), neuron in layer.phases.items():
-            out[:, a::f, b::f] = _array(np.broadcast_to(get(neuron), (c, h, w)), like)
-        return out
+        phases = {phase: _array(np.broadcast_to(get(n), (c, h, w)), like)[None] for phase, n in layer.phases.items()}
+        return native_layer(phases, layer.factor)[0]
 
     def feedback(neuron, of_spikes: bool):
         for node, of in neuron.feedback.items():
