@@ -254,7 +254,7 @@ def test_given_nir_file_is_checked_under_its_recorded_v_init(checked, checkpoint
 
 # ---- demo ---------------------------------------------------------------------------------------------
 def test_demo_trains_exports_checks_and_lists_every_artifact(tmp_path, capsys):
-    out = tmp_path / "demo"
+    out = tmp_path / "runs" / "demo"  # as in a fresh clone: runs/ does not exist yet
     args = ["demo", "--out", str(out), "--epochs", "1", "--arch", TINY_ARCH, "--T", "5", "--check-T", "2,5"]
     assert main([*args, "--limit", "16", "--min-agreement", "0", "--quiet"]) == 0
     printed = capsys.readouterr().out

@@ -11,6 +11,7 @@ a file K times the loop's op count; the weights are shared initializers, so it d
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -28,7 +29,9 @@ from mpis.train.checkpoint import atomic_write
 
 INPUT_NAME = "input"
 LOGITS_NAME = "logits"
-ATOL = 1e-5
+OPSET = 17  # what the common converters take (onnx2torch has no Shape-19); ONNX Runtime, OpenVINO and TensorRT too
+RTOL = 1e-4  # parity: ONNX Runtime's logits within this fraction of the logits' scale of the float64 truth
+FP32_MARGIN = 4.0  # ... or within this many times PyTorch fp32's own error, when the graph amplifies rounding
 
 
 class RateGraph(nn.Module):
@@ -56,28 +59,103 @@ class RateGraph(nn.Module):
 
 @dataclass
 class ParityReport:
-    max_abs_logits: float
-    max_abs_rates: float
-    argmax_equal: bool
+    """ONNX Runtime and PyTorch fp32, each against a float64 evaluation of the same graph (the truth both
+    approximate: K unrolled fp32 iterations amplify rounding, so PyTorch fp32 is not the reference)."""
+
     batch: int
+    logits_scale: float  # max |logit| of the float64 evaluation
+    onnx_logits: float  # max |ONNX Runtime − float64| of the logits
+    torch_logits: float  # max |PyTorch fp32 − float64| of the logits
+    onnx_rates: float | None  # max |ONNX Runtime − float64| of the rates; None when none were exported
+    torch_rates: float | None
+    argmax_agreement: float  # ONNX Runtime vs float64
+    torch_argmax_agreement: float  # PyTorch fp32 vs float64
+
+    @property
+    def tolerance(self) -> float:
+        return max(RTOL * self.logits_scale, FP32_MARGIN * self.torch_logits)
+
+    @property
+    def passed(self) -> bool:
+        return self.onnx_logits <= self.tolerance
+
+    def summary(self) -> str:
+        rates = ""
+        if self.onnx_rates is not None:
+            rates = f", rates {self.onnx_rates:.1e} (PyTorch fp32 {self.torch_rates:.1e})"
+        return (
+            f"parity vs float64 on {self.batch} inputs: max |Δlogits| ONNX Runtime {self.onnx_logits:.1e}, "
+            f"PyTorch fp32 {self.torch_logits:.1e} (logits up to {self.logits_scale:.2g}, tolerance "
+            f"{self.tolerance:.1e}){rates}; argmax agreement {self.argmax_agreement:.4f}"
+        )
 
 
 def check_parity(module: RateGraph, path: Path, inputs: Tensor, providers: list[str] | None = None) -> ParityReport:
-    """Run ONNX Runtime and PyTorch on `inputs` and compare every output."""
+    """Run ONNX Runtime, PyTorch fp32 and PyTorch float64 on `inputs`; compare the first two with the third."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
-    got = session.run(None, {INPUT_NAME: inputs.numpy()})
+    got = [g.astype(np.float64) for g in session.run(None, {INPUT_NAME: inputs.float().numpy()})]
+    exact = copy.deepcopy(module).double()
     with torch.no_grad():
-        want = module(inputs)
-    want = [want] if isinstance(want, Tensor) else list(want)
-    deltas = [float(np.max(np.abs(g - w.numpy()))) for g, w in zip(got, want, strict=True)]
+        fp32, truth = module(inputs.float()), exact(inputs.double())
+    fp32, truth = ([t] if isinstance(t, Tensor) else list(t) for t in (fp32, truth))
+    fp32 = [t.double().numpy() for t in fp32]
+    truth = [t.numpy() for t in truth]
+
+    def error(outputs: list[np.ndarray], index: slice) -> float | None:
+        deltas = [float(np.max(np.abs(a - b))) for a, b in zip(outputs[index], truth[index], strict=True)]
+        return max(deltas) if deltas else None
+
+    best = truth[0].argmax(1)
     return ParityReport(
-        max_abs_logits=deltas[0],
-        max_abs_rates=max(deltas[1:], default=0.0),
-        argmax_equal=bool((got[0].argmax(1) == want[0].numpy().argmax(1)).all()),
         batch=len(inputs),
+        logits_scale=float(np.max(np.abs(truth[0]))),
+        onnx_logits=error(got, slice(0, 1)),
+        torch_logits=error(fp32, slice(0, 1)),
+        onnx_rates=error(got, slice(1, None)),
+        torch_rates=error(fp32, slice(1, None)),
+        argmax_agreement=float(np.mean(got[0].argmax(1) == best)),
+        torch_argmax_agreement=float(np.mean(fp32[0].argmax(1) == best)),
     )
+
+
+def compatible_reshapes(model) -> int:
+    """Set allowzero=0 on Reshape nodes whose target shape cannot hold a 0 (the batch dimension, declared
+    >= 1, and nonzero constants): the same result, and converters such as onnx2torch refuse allowzero=1.
+    Returns how many nodes were changed."""
+    from onnx import numpy_helper
+
+    producers = {out: node for node in model.graph.node for out in node.output}
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+
+    def batch_dim(name: str) -> bool:
+        node = producers.get(name)
+        if node is None or node.op_type != "Shape" or node.input[0] != INPUT_NAME:
+            return False
+        attrs = {a.name: a.i for a in node.attribute}
+        return attrs.get("start", 0) == 0 and attrs.get("end") == 1
+
+    def never_zero(name: str) -> bool:
+        if name in constants:
+            return bool(np.all(constants[name] != 0))
+        node = producers.get(name)
+        if node is not None and node.op_type == "Concat":
+            return all(never_zero(part) for part in node.input)
+        return batch_dim(name)
+
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or not never_zero(node.input[1]):
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "allowzero" and attribute.i == 1:
+                attribute.i = 0
+                changed += 1
+    return changed
 
 
 def export_onnx(
@@ -88,10 +166,13 @@ def export_onnx(
     sample: Tensor,
     overwrite: bool = False,
     horizon: int | None = None,
+    say=None,
 ) -> ParityReport:
     """Write the ONNX file atomically; it appears at `path` only if it passes the checker and the parity
-    check (fp32, |Δlogits| ≤ 1e-5) on `sample`. Rate and argmax differences are reported, not enforced:
-    rounding in a loop with high BN gain can move a rate by more than the logits tolerance."""
+    rule on `sample`: ONNX Runtime's logits within RTOL of the logits' scale of a float64 evaluation of the
+    same graph (or within FP32_MARGIN times PyTorch fp32's own error, where the graph amplifies rounding
+    past that). Rate and argmax differences are reported, not enforced: near a tie or a threshold,
+    rounding can move an argmax or a rate without the graph being wrong. `say` gets progress lines."""
     try:
         import onnx
         import onnxruntime  # noqa: F401  (the parity check needs it)
@@ -106,11 +187,13 @@ def export_onnx(
         raise MpisError(f"cannot write {path}: folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
         raise MpisError(f"cannot write {path}: folder {path.parent} is not writable")
+    say = say or (lambda _line: None)
     module = RateGraph(net, iterations, with_rates, horizon).eval()
     reports: list[ParityReport] = []
 
     def write(tmp: str) -> None:
         batch = torch.export.Dim("batch", min=1, max=65536)
+        say(f"  tracing {iterations} unrolled iterations (torch.onnx dynamo exporter, opset {OPSET})")
         with torch.no_grad(), quiet_exporter():
             program = torch.onnx.export(
                 module,
@@ -120,16 +203,17 @@ def export_onnx(
                 output_names=module.output_names,
                 dynamic_shapes={"x": {0: batch}},
                 optimize=True,
+                opset_version=OPSET,
                 verbose=False,
             )
-        program.save(tmp, external_data=False)
+        model = program.model_proto
+        compatible_reshapes(model)
+        onnx.save_model(model, tmp)
         onnx.checker.check_model(tmp, full_check=True)
+        say(f"  checking ONNX Runtime against a float64 evaluation on {len(sample)} inputs")
         report = check_parity(module, Path(tmp), sample)
-        if not report.max_abs_logits <= ATOL:
-            raise MpisError(
-                f"ONNX Runtime disagrees with PyTorch: max |Δlogits| {report.max_abs_logits:.2e}, "
-                f"max |Δrates| {report.max_abs_rates:.2e} (tolerance {ATOL:.0e}); nothing written"
-            )
+        if not report.passed:
+            raise MpisError(f"ONNX Runtime disagrees with the graph: {report.summary()}; nothing written")
         reports.append(report)
 
     atomic_write(path, write)

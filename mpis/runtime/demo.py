@@ -67,8 +67,6 @@ def _run_demo(
         raise MpisError(f"--epochs must be >= 1, got {epochs}")
     if limit is not None and limit < 1:
         raise MpisError(f"--limit must be >= 1, got {limit}")
-    if not out.parent.is_dir():
-        raise MpisError(f"cannot create {out}: folder {out.parent} does not exist")
     model_cfg = ModelConfig() if arch is None else ModelConfig(arch=arch)
     solver_cfg = SolverConfig(T=steps, jac_reg=jac_reg)
     train_cfg = TrainConfig(dataset="digits", epochs=epochs, device="cpu")
@@ -110,7 +108,7 @@ def _run_demo(
     lines += [
         f"  checkpoint      {checkpoint}  (test accuracy {metrics.get('test_acc', float('nan')):.4f})",
         f"  metrics         {out / 'metrics.jsonl'}",
-        f"  ONNX            {onnx_path}  (max |Δlogits| vs PyTorch {parity.max_abs_logits:.1e})",
+        f"  ONNX            {onnx_path}  ({parity.summary()})",
         f"  NIR             {nir_path}  (v_init {v_init}, {len(nir.graph.nodes)} nodes)",
         *(f"  Triton model    {p}" for p in triton),
         f"  check report    {report.files['report']}",
