@@ -17,8 +17,8 @@ import onnxruntime as ort
 import pytest
 import torch
 import tritonclient.http as triton
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException
 
 from mpis.cli import main
@@ -243,6 +243,31 @@ def _concurrently(url: str, batches: list[np.ndarray]) -> list[np.ndarray]:
 def _counts(url: str) -> tuple[int, int]:
     stats = triton.InferenceServerClient(url).get_inference_statistics("digits")["model_stats"][0]
     return stats["inference_count"], stats["execution_count"]
+
+
+def test_statistics_have_tritons_shape_and_count_requests_rows_queue_and_compute(repo, tmp_path):
+    delay = "max_queue_delay_microseconds: "
+    slow = copy_repo(repo, tmp_path / "repo", lambda text: text.replace(delay + "100", delay + "2000000"))
+    with ModelServer(slow, port=0) as server:
+        client = triton.InferenceServerClient(server.url)
+        _concurrently(server.url, [images(2, seed=i) for i in range(4)])  # 4 requests, one execution of 8
+        infer(client, images(3))  # one request, one execution of 3 (after the 2 s queue delay)
+        with pytest.raises(InferenceServerException):
+            infer(client, images(MAX_BATCH + 1))  # refused before the model: not a model request
+        response = client.get_inference_statistics("digits")
+    # Triton's own message accepts it field for field (unknown or mistyped fields raise)
+    message = json_format.ParseDict(response, service_pb2.ModelStatisticsResponse())
+    (stats,) = message.model_stats
+    assert (stats.name, stats.version) == ("digits", "1")
+    assert (stats.inference_count, stats.execution_count) == (11, 2)
+    requests = stats.inference_stats
+    for phase in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        assert getattr(requests, phase).count == 5 and getattr(requests, phase).ns > 0, phase
+    assert requests.fail.count == 0 and requests.cache_hit.count == 0
+    assert requests.queue.ns >= 1.9e9  # the lone request waited out the 2 s queue delay
+    assert requests.success.ns > requests.queue.ns + requests.compute_infer.ns
+    assert {b.batch_size: b.compute_infer.count for b in stats.batch_stats} == {3: 1, 8: 1}
+    assert stats.last_inference > 0
 
 
 def test_dynamic_batching_joins_concurrent_requests_up_to_max_batch_size(repo, session, tmp_path):

@@ -2,9 +2,10 @@
 
 For machines without NVIDIA Triton Inference Server: the same repository (`mpis export --triton-repo`),
 the same wire protocol, so a client written against one works against the other. Implemented: health,
-server and model metadata, model config, a subset of the statistics extension (inference and execution
-counts), and inference with JSON tensors and Triton's binary tensor data extension (the default of
-`tritonclient`), gzip/deflate request bodies, and dynamic batching as the model's config asks for it.
+server and model metadata, model config, the statistics extension (Triton's per-request and
+per-batch-size counters and times, so perf_analyzer reads server-side latency), and inference with JSON
+tensors and Triton's binary tensor data extension (the default of `tritonclient`), gzip/deflate request
+bodies, and dynamic batching as the model's config asks for it.
 Not implemented: gRPC, shared memory, sequence batching, the repository API, response compression.
 
 Each model is run by its platform's backend: `onnxruntime_onnx` by ONNX Runtime (CPU, or CUDA when
@@ -380,13 +381,8 @@ class ServedModel:
         return config
 
     def statistics(self) -> dict:
-        return {
-            "name": self.spec.name,
-            "version": self.spec.version,
-            "last_inference": self.batcher.last_inference_ms,
-            "inference_count": self.batcher.inference_count,
-            "execution_count": self.batcher.execution_count,
-        }
+        """Triton's ModelStatistics of this model (JSON form of the statistics extension)."""
+        return self.batcher.stats.as_dict(self.spec.name, self.spec.version)
 
     def parse(self, body: bytes, header_length: str | None) -> InferRequest:
         """Validate an infer request (JSON header, then the binary tensor data of the inputs that have a
@@ -621,13 +617,17 @@ def build_app(models: dict[str, ServedModel], max_body_bytes: int = DEFAULT_MAX_
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         served = model(name, version)
+        arrived = time.monotonic_ns()
         body = await _read_body(request, max_body_bytes)
         parsed = served.parse(body, request.headers.get("inference-header-content-length"))
         try:
             outputs = await served.batcher.infer(parsed.inputs, parsed.rows)
         except Exception as err:  # the backend failed on a valid request: the server's fault, not the client's
+            served.batcher.stats.requests["fail"].add(time.monotonic_ns() - arrived)
             raise RequestError(500, f"inference failed: {_first_line(err)}") from None
-        return served.encode(parsed, outputs)
+        response = served.encode(parsed, outputs)
+        served.batcher.stats.requests["success"].add(time.monotonic_ns() - arrived)
+        return response
 
     return app
 
