@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from dataclasses import fields
@@ -14,15 +15,22 @@ from mpis.export import DEFAULT_MAX_PARAM_GROWTH
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as a single line and exit status 2."""
+    """argparse that reports a bad command line as one `mpis: error: …` line (naming the subcommand) and
+    exit status 2, as every other user error is reported."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        command = self.prog.removeprefix("mpis").strip()
+        self.exit(2, f"mpis: error: {command + ': ' if command else ''}{message}\n")
 
 
 LAYOUT_HELP = (
-    "graph: run every node as written (nirtorch's spikes, bit for bit); native: run an mpis exact export layer "
-    "by layer in native layout, with the model's FLOPs (float32 spikes differ only by rounding) (default graph)"
+    "graph: run every node as written (nirtorch's spikes, bit for bit; any NIR file); native: run an mpis exact "
+    "export layer by layer in native layout, with the model's FLOPs, 4-46x faster (float32 spikes differ only by "
+    "rounding) (default graph)"
+)
+THREADS_HELP = (
+    "torch / ONNX Runtime intra-op threads (default 1: the per-step ops are small, and on a busy machine more "
+    "threads stall)"
 )
 
 
@@ -219,6 +227,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from mpis.runtime.check import torch_threads
+
+    with torch_threads(args.threads):
+        return _simulate_file(args)
+
+
+def _simulate_file(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
     from mpis.export.nir_nodes import read_nir
@@ -243,7 +258,8 @@ def _simulate(args: argparse.Namespace) -> int:
     test = split.test if args.limit is None else Subset(split.test, range(min(args.limit, len(split.test))))
     resets = ", ".join(sorted(set(program.resets.values())))
     print(f"{args.nir}: {dataset} test set, T = {steps}, {program.device}" + f"; IF/LIF reset: {resets}" * bool(resets))
-    for line in evaluate(program, test, steps, args.batch, split.classes, args.burn_in).lines():
+    evaluation = evaluate(program, test, steps, args.batch, split.classes, args.burn_in, progress=not args.quiet)
+    for line in evaluation.lines():
         print(line)
     return 0
 
@@ -261,7 +277,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mpis import __version__
+
     parser = _Parser(prog="mpis", description="Train MPIS equilibrium spiking networks and export them.")
+    parser.add_argument("--version", action="version", version=f"mpis {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser("train", help="train a network on a dataset and write DIR/model.pt")
     train.add_argument("--out", required=True, help="run folder for model.pt and metrics.jsonl")
@@ -354,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="graph",
         help=LAYOUT_HELP,
     )
+    simulate.add_argument("--quiet", action="store_true", help="no progress bar")
+    simulate.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     simulate.set_defaults(run=_simulate)
 
     check = commands.add_parser(
@@ -403,9 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--max-param-growth", type=float, default=DEFAULT_MAX_PARAM_GROWTH, help="as mpis export --nir")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
-    check.add_argument(
-        "--threads", type=int, default=1, help="torch / ONNX Runtime intra-op threads (default 1: small ops)"
-    )
+    check.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     check.set_defaults(run=_check)
 
     demo = commands.add_parser(
@@ -423,9 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--min-agreement", type=float, default=0.99, help="as mpis check (default 0.99)")
     demo.add_argument("--overwrite", action="store_true", help="replace the demo's files in an existing --out")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.add_argument(
-        "--threads", type=int, default=1, help="torch / ONNX Runtime intra-op threads (default 1: small ops)"
-    )
+    demo.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     demo.set_defaults(run=_demo)
     return parser
 
@@ -433,13 +450,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at the interpreter's exit
+        return status
     except MpisError as err:
         print(f"mpis: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mpis: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mpis … | head`: the reader has gone, which is not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
+        return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import struct
+from pathlib import Path
 
 import nir
 import numpy as np
@@ -63,6 +64,9 @@ def test_check_prints_a_table_per_T_and_writes_report_json_and_png(checked):
             assert err["mean_abs_times_T"] == pytest.approx(err["mean_abs"] * row["T"])
     assert set(report["slopes"]) == {"0", "0.5vth"} and set(report["slopes"]["0"]) == {*LAYERS, "all"}
     assert (folder / "check.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    files = [report["checkpoint"], report["artifacts"]["report"], *report["artifacts"]["nir"].values()]
+    assert all(Path(f).is_absolute() and Path(f).is_file() for f in files)  # readable from any folder
+    assert out.strip().splitlines()[-1].startswith("PASS: argmax agreement spike vs ONNX at T = 5 is ")
 
 
 def test_feed_forward_layer_error_is_below_one_step_and_half_a_step_with_vth_over_2(checked):
@@ -151,8 +155,15 @@ def test_artifacts_are_reused_for_the_same_checkpoint_and_foreign_files_are_neve
 def test_agreement_below_min_agreement_exits_non_zero_after_writing_the_report(checkpoint, tmp_path, capsys):
     folder = tmp_path / "r"
     assert main(["check", str(checkpoint), "--T", "5", "--report", str(folder), "--min-agreement", "1.01", *FAST]) == 2
-    assert "below --min-agreement 1.01" in one_error_line(capsys)
+    assert "FAIL: " in (line := one_error_line(capsys)) and "below --min-agreement 1.01" in line
     assert json.loads((folder / "report.json").read_text())["passed"] is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_refused_before_anything_is_written(checkpoint, tmp_path, capsys):
+    assert main(["check", str(checkpoint), "--T", "5", "--report", str(tmp_path / "r"), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in one_error_line(capsys)
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("steps", ["0", "10,-3", "ten", "", "5,,10"])

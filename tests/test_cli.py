@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+import mpis
 from mpis.cli import main
 from mpis.errors import MpisError
 from mpis.train.checkpoint import load_checkpoint
@@ -77,8 +78,37 @@ def test_bad_command_line_is_one_line_and_exit_2(tmp_path, args, words):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0], result.stderr
-    assert not (tmp_path / "run" / "model.pt").exists()
+    assert len(lines) == 1 and words in lines[0] and lines[0].startswith("mpis: error: "), result.stderr
+    assert not (tmp_path / "run").exists()  # not even an empty folder is left behind
+
+
+def test_version_and_argparse_errors_speak_as_mpis(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"mpis {mpis.__version__}"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("mpis: error: simulate: the following arguments are required: nir")
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    command = [sys.executable, "-m", "mpis", "arch", "128C3S1-2F3*(256C3S1-512C3S1-1024C3S2)-FC10"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # as `| head` does once it has its lines: every write now fails with EPIPE
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr
+
+
+def test_truncated_checkpoint_says_it_is_truncated(tmp_path):
+    whole = tmp_path / "model.pt"
+    torch.save({"format": "mpis-checkpoint", "state_dict": {"w": torch.zeros(1000)}}, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[:2000])
+    with pytest.raises(MpisError, match="truncated"):
+        load_checkpoint(cut)
+    with pytest.raises(MpisError, match="is a folder"):
+        load_checkpoint(tmp_path)
 
 
 def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):

@@ -365,6 +365,10 @@ def _taken_port(repo, tmp_path, stack):
 STARTUP_ERRORS = {
     "missing repository": (lambda repo, tmp_path, stack: str(tmp_path / "nowhere"), "does not exist"),
     "empty repository": (lambda repo, tmp_path, stack: str(tmp_path), "holds no model"),
+    "a file, not a repository": (
+        lambda repo, tmp_path, stack: str(repo / "digits" / "config.pbtxt"),
+        "is a file; a model repository is a folder",
+    ),
     "corrupt ONNX file": (_corrupt_onnx, "ONNX Runtime cannot load"),
     "config syntax error": (_config(lambda text: text.replace("}", "", 1)), "config.pbtxt"),
     "config unlike the model": (_config(lambda text: text.replace("1, 16, 16", "1, 16, 15")), "config says input"),

@@ -414,7 +414,10 @@ def _run_check(opts: CheckOptions) -> CheckReport:
     steps = tuple(sorted(set(opts.steps)))
     if not steps or min(steps) < 1:
         raise MpisError(f"every T must be >= 1, got {','.join(map(str, opts.steps))}")
-    checkpoint = Path(opts.checkpoint)
+    from mpis.train.loop import resolve_device
+
+    resolve_device(opts.device)  # before any file is written
+    checkpoint = Path(opts.checkpoint).resolve()  # the report names files wherever it is read from
     ckpt = load_checkpoint(checkpoint)
     net, vth = ckpt.net, ckpt.net.neuron.vth
     if ckpt.train_cfg.method != "mpis":
@@ -422,7 +425,7 @@ def _run_check(opts: CheckOptions) -> CheckReport:
     v_inits = () if opts.nir_files else parse_v_inits(opts.v_inits or DEFAULT_V_INITS, vth)
     iterations = opts.iterations or max(steps[-1], ckpt.solver_cfg.T)
     sha = file_sha256(checkpoint)
-    folder = Path(opts.report_dir) if opts.report_dir else checkpoint.parent / "check"
+    folder = Path(opts.report_dir).resolve() if opts.report_dir else checkpoint.parent / "check"
     cache = Artifacts(folder, sha)
 
     # data: the spike graph sees frames=T for event data, the rate graph their mean
@@ -459,7 +462,7 @@ def _run_check(opts: CheckOptions) -> CheckReport:
             )
             cache.record(name, params)
         spiking.append(_Spiking(v, folder / name, v.value is None and len(net.imp) > 0))
-    for path in map(Path, opts.nir_files):
+    for path in (Path(p).resolve() for p in opts.nir_files):
         graph = read_nir(path)
         recorded = graph.metadata.get("v_init", "?")
         label = path.stem if isinstance(recorded, str) else f"{float(recorded):g}"
@@ -664,41 +667,59 @@ def write_report(report: CheckReport, folder: Path) -> dict[str, Path]:
 
 
 def _plot(report: CheckReport, path: Path) -> None:
+    """One panel per v_init: mean |Δrate| vs T of every layer (labelled, one colour each) and of all
+    neurons together (thick), against the 1/T and 0.5/T lines; the x ticks are the T values measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     steps = np.array(report.steps, dtype=float)
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    panels = len(report.v_inits)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), dpi=100, sharey=True, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    slopes = report.slopes()
-    for i, v in enumerate(report.v_inits):
-        colour = colours[i % len(colours)]
+    grid = np.geomspace(steps.min(), steps.max(), 50) if len(steps) > 1 else steps
+    for ax, v in zip(axes[0], report.v_inits, strict=True):
         rows = [report.row(v.label, t) for t in report.steps]
-        for name in rows[0].layers:
-            if name == "all":
-                continue
-            ax.plot(steps, [r.layers[name].mean_abs for r in rows], color=colour, alpha=0.3, lw=0.8)
-        slope = slopes[v.label]["all"]
+        slopes = report.slopes()[v.label]
+        layers = [name for name in rows[0].layers if name != "all"]
+        for i, name in enumerate(layers):
+            slope = slopes[name]
+            ax.plot(
+                steps,
+                [r.layers[name].mean_abs for r in rows],
+                "o-",
+                color=colours[i % len(colours)],
+                lw=1,
+                ms=3,
+                label=f"{name} (slope {'n/a' if slope is None else f'{slope:.2f}'})",
+            )
+        slope = slopes["all"]
         ax.plot(
             steps,
             [r.layers["all"].mean_abs for r in rows],
-            "o-",
-            color=colour,
-            lw=2,
-            label=f"v_init {v.label}: all layers (slope {'n/a' if slope is None else f'{slope:.2f}'}); thin: per layer",
+            "s-",
+            color="black",
+            lw=2.2,
+            label=f"all neurons (slope {'n/a' if slope is None else f'{slope:.2f}'})",
         )
-    grid = np.geomspace(steps.min(), steps.max(), 50) if len(steps) > 1 else steps
-    ax.plot(grid, 1.0 / grid, "k--", lw=1, label="1/T")
-    ax.plot(grid, 0.5 / grid, "k:", lw=1, label="0.5/T")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("T (time steps)")
-    ax.set_ylabel("mean |spike rate − ONNX rate|")
-    ax.set_title(f"{Path(report.checkpoint).name}: {report.dataset}, {report.inputs} inputs, K = {report.iterations}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+        ax.plot(grid, 1.0 / grid, "k--", lw=1, label="1/T")
+        ax.plot(grid, 0.5 / grid, "k:", lw=1, label="0.5/T")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(steps))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(t) for t in report.steps])
+        ax.set_xlabel("T (time steps)")
+        ax.set_title(f"v_init {v.label}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("mean |spike rate − ONNX rate|")
+    fig.suptitle(
+        f"{Path(report.checkpoint).name}: {report.dataset}, {report.inputs} inputs, K = {report.iterations}",
+        fontsize=10,
+    )
     fig.tight_layout()
     with open(path, "wb") as f:
         fig.savefig(f, format="png")
@@ -737,15 +758,22 @@ def cli_check(args) -> int:
     for line in report.lines():
         print(line)
     print(f"wrote {report.files['report']} and {report.files['plot']} ({report.seconds:.0f} s)")
-    verdict(report)
+    print(verdict(report))
     return 0
 
 
-def verdict(report: CheckReport) -> None:
-    """MpisError when the argmax agreement at the largest T is below the report's min_agreement."""
+def verdict(report: CheckReport) -> str:
+    """The PASS line to print; MpisError (the FAIL line) when the argmax agreement at the largest T is
+    below the report's min_agreement."""
     failures = report.failures()
     if failures:
         raise MpisError(
-            f"argmax agreement spike vs ONNX at T = {report.steps[-1]} is {', '.join(failures)}, "
+            f"FAIL: argmax agreement spike vs ONNX at T = {report.steps[-1]} is {', '.join(failures)}, "
             f"below --min-agreement {report.min_agreement:g}"
         )
+    last = report.steps[-1]
+    agreements = ", ".join(f"{report.row(v.label, last).agreement:.4f} (v_init {v.label})" for v in report.v_inits)
+    return (
+        f"PASS: argmax agreement spike vs ONNX at T = {last} is {agreements}, "
+        f"at least --min-agreement {report.min_agreement:g}"
+    )

@@ -140,5 +140,5 @@ def cli_demo(args) -> int:
     )
     for line in lines:
         print(line)
-    verdict(report)
+    print(verdict(report))
     return 0

@@ -293,6 +293,10 @@ class Loaded:
 def load_repository(repo: Path, backend: str = "auto", batching: bool = True) -> Loaded:
     """Every model of the repository that `backend` serves; `auto` leaves out TensorRT engines (with a
     note) when TensorRT or CUDA is missing, `tensorrt` serves only the engines and insists on both."""
+    if repo.is_file():
+        raise MpisError(
+            f"{repo} is a file; a model repository is a folder of NAME/config.pbtxt (mpis export --triton-repo)"
+        )
     if not repo.is_dir():
         raise MpisError(f"model repository {repo} does not exist")
     folders = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))  # .staging

@@ -781,16 +781,24 @@ class Evaluation:
 
 
 def evaluate(
-    program: Program, dataset, steps: int, batch: int = 256, classes: int | None = None, burn_in: int = 0
+    program: Program,
+    dataset,
+    steps: int,
+    batch: int = 256,
+    classes: int | None = None,
+    burn_in: int = 0,
+    progress: bool = False,
 ) -> Evaluation:
     """Run every (input, label) of `dataset` through the spiking network for `steps` counted steps."""
     import time
 
     from torch.utils.data import DataLoader
+    from tqdm import tqdm
 
     correct, seen, spikes, shapes, synops = 0, 0, {}, {}, 0.0
     start = time.perf_counter()
-    for x, y in DataLoader(dataset, batch_size=batch):
+    loader = DataLoader(dataset, batch_size=batch)
+    for x, y in tqdm(loader, desc="simulating", unit="batch", disable=not progress, leave=False, mininterval=1):
         result = program.run(x, steps, burn_in)
         if classes is not None and result.scores.shape[1:] != (classes,):
             raise MpisError(

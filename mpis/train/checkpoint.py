@@ -7,7 +7,9 @@ Written atomically (temporary file in the same folder, then rename) and read wit
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -84,12 +86,27 @@ class Checkpoint:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
+    if path.is_dir():
+        raise MpisError(f"checkpoint {path} is a folder; pass the model.pt inside it")
     if not path.is_file():
         raise MpisError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one has no central directory
+        raise MpisError(
+            f"{path} is not a readable mpis checkpoint: not a complete PyTorch archive "
+            f"({path.stat().st_size:,} bytes; truncated, or another kind of file)"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for damaged or foreign files
-        raise MpisError(f"{path} is not a readable mpis checkpoint ({type(err).__name__})") from None
+    except pickle.UnpicklingError:
+        raise MpisError(
+            f"{path} is not a readable mpis checkpoint: it holds objects other than tensors and plain values, "
+            "which are refused (weights_only loading)"
+        ) from None
+    except Exception as err:  # torch raises many types for damaged archives
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise MpisError(
+            f"{path} is not a readable mpis checkpoint: damaged archive ({type(err).__name__}: {detail})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise MpisError(f"{path} is not an mpis checkpoint (no '{FORMAT}' marker)")
     if payload.get("version") != VERSION:

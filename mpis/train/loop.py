@@ -145,12 +145,12 @@ def _train(
     ddp: Distributed,
 ) -> dict[str, Any]:
     data = load_dataset(train_cfg.dataset, train_cfg.data_dir, frames=solver_cfg.T)
-    if ddp.main:
-        prepare_out_dir(out, overwrite)
     seed_everything(train_cfg.seed)
     model = build_model(model_cfg, solver_cfg, train_cfg, data.input_shape).to(device)
     if model.net.arch.classes != data.classes:
         raise MpisError(f"arch ends in FC{model.net.arch.classes} but the dataset has {data.classes} classes")
+    if ddp.main:  # only now: an arch that does not fit the data must not leave an empty --out behind
+        prepare_out_dir(out, overwrite)
     trained = DistributedDataParallel(model) if ddp.world > 1 else model
     # The same sampler with one replica or K: K processes with batch B see exactly the batches of size K·B
     # that one process sees, so a torchrun job reproduces a single-process run.
@@ -169,20 +169,23 @@ def _train(
     metrics: dict[str, Any] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    begun = time.perf_counter()
+    bar = tqdm(  # one bar over the whole run, so that its estimate is the time left for all epochs
+        total=train_cfg.epochs * len(train_loader),
+        disable=not (progress and ddp.main),
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+        unit="step",
+        mininterval=0.2 if sys.stderr.isatty() else 10,  # a log file gets a line every 10 s, not a stream
+    )
     for epoch in range(1, train_cfg.epochs + 1):
         trained.train()
         sampler.set_epoch(epoch)
         start = time.perf_counter()
         totals = torch.zeros(5, dtype=torch.float64)  # loss sum, correct, seen, residual sum, Jacobian sum
-        bar = tqdm(
-            train_loader,
-            desc=f"epoch {epoch}/{train_cfg.epochs}",
-            disable=not (progress and ddp.main),
-            file=sys.stderr,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for x, y in bar:
+        bar.set_description(f"epoch {epoch}/{train_cfg.epochs}")
+        for x, y in train_loader:
             x, y = x.to(device), y.to(device)
             if data.augment is not None:
                 x = data.augment(x)
@@ -202,7 +205,8 @@ def _train(
                 res = 0.0 if info is None else float(info.residual.sum())
                 jac = 0.0 if jacobian is None else float(jacobian) * len(y)
                 totals += torch.tensor([loss.item() * len(y), float(correct), len(y), res, jac], dtype=torch.float64)
-            bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}")
+            bar.update()
+            bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}", refresh=False)
         seconds = time.perf_counter() - start
         if ddp.world > 1:
             dist.all_reduce(totals)
@@ -226,11 +230,17 @@ def _train(
         atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
         save_checkpoint(out / "model.pt", model, model_cfg, solver_cfg, train_cfg, metrics)
         if progress:
-            print(
-                f"epoch {epoch}: loss {metrics['loss']:.4f}  train {metrics['train_acc']:.4f}  "
-                f"test {test_acc:.4f}  {seconds:.1f}s",
+            left = (train_cfg.epochs - epoch) * (time.perf_counter() - begun) / epoch
+            bar.write(
+                f"epoch {epoch}/{train_cfg.epochs}: loss {metrics['loss']:.4f}  train {metrics['train_acc']:.4f}  "
+                f"test {test_acc:.4f}  {seconds:.1f}s" + (f"  (about {_minutes(left)} left)" if left else ""),
                 file=sys.stderr,
             )
         if ddp.world > 1:
             dist.barrier()
+    bar.close()
     return metrics
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
