@@ -443,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace the demo's files in an existing --out")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    demo.add_argument("--seed", type=int, default=0, help="training seed (same seed, same numbers on one machine)")
     demo.set_defaults(run=_demo)
     return parser
 

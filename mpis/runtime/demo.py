@@ -20,6 +20,7 @@ DEMO_STEPS = (10, 30, 100)
 DEMO_V_INITS = "0,0.5vth"
 DEMO_EPOCHS = 25
 DEMO_JAC_REG = 2.0
+DEMO_MINUTES = 6  # measured with the defaults (README)
 
 
 def run_demo(*args, threads: int = 1, **kwargs) -> tuple[list[str], object]:
@@ -43,6 +44,7 @@ def _run_demo(
     steps: int = 30,
     check_steps: tuple[int, ...] = DEMO_STEPS,
     threads: int = 1,
+    seed: int = 0,
 ) -> tuple[list[str], object]:
     """Run every stage; return the lines to print (check table, artifact paths) and the check report."""
     from mpis.config import ModelConfig, SolverConfig, TrainConfig
@@ -69,9 +71,12 @@ def _run_demo(
         raise MpisError(f"--limit must be >= 1, got {limit}")
     model_cfg = ModelConfig() if arch is None else ModelConfig(arch=arch)
     solver_cfg = SolverConfig(T=steps, jac_reg=jac_reg)
-    train_cfg = TrainConfig(dataset="digits", epochs=epochs, device="cpu")
+    train_cfg = TrainConfig(dataset="digits", epochs=epochs, device="cpu", seed=seed)
     say = print if progress else (lambda *_: None)
-    say(f"[1/4] training {model_cfg.arch} on digits, T = {steps}, --jac-reg {jac_reg:g}, {epochs} epochs -> {out}")
+    say(
+        f"[1/4] training {model_cfg.arch} on digits, T = {steps}, --jac-reg {jac_reg:g}, {epochs} epochs, "
+        f"seed {seed} -> {out} (the whole demo: about {DEMO_MINUTES} minutes on 2 idle cores)"
+    )
     metrics = train(model_cfg, solver_cfg, train_cfg, out, overwrite, progress)
     trained = time.perf_counter()
 
@@ -80,15 +85,21 @@ def _run_demo(
     test = load_dataset("digits").test
     sample = torch.stack([test[i][0] for i in range(min(256, len(test)))])
     onnx_path, nir_path, repo = out / "model.onnx", out / "model.nir", out / "triton"
-    say(f"[2/4] exporting ONNX (K = {solver_cfg.T} iterations, with rates), NIR and a Triton repository")
-    parity = export_onnx(ckpt.net, onnx_path, solver_cfg.T, True, sample, overwrite, horizon=solver_cfg.T)
+    say(
+        f"[2/4] exporting ONNX (K = {solver_cfg.T} iterations, with rates), NIR and a Triton repository "
+        f"({_clock(trained - start)} so far)"
+    )
+    parity = export_onnx(ckpt.net, onnx_path, solver_cfg.T, True, sample, overwrite, horizon=solver_cfg.T, say=say)
     v0 = default_nir_v_init(ckpt.net)  # what mpis export --nir writes: Vth/2 for IF neurons
     nir = export_nir(ckpt.net, nir_path, "exact", v0, solver_cfg.T, "digits", overwrite, DEFAULT_MAX_PARAM_GROWTH)
     outputs = [(LOGITS_NAME, (ckpt.net.arch.classes,)), *((f"rate_{n.name}", n.shape) for n in ckpt.net.neurons)]
     triton = write_triton_repo(repo, "mpis", onnx_path, [(INPUT_NAME, ckpt.input_shape)], outputs, 256, None, overwrite)
     exported = time.perf_counter()
 
-    say(f"[3/4] checking the spiking graph against the rate graph at T = {', '.join(map(str, check_steps))}")
+    say(
+        f"[3/4] checking the spiking graph against the rate graph at T = {', '.join(map(str, check_steps))} "
+        f"({_clock(exported - start)} so far)"
+    )
     opts = CheckOptions(
         checkpoint,
         tuple(check_steps),
@@ -121,6 +132,10 @@ def _run_demo(
     return lines, report
 
 
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+
+
 def cli_demo(args) -> int:
     """`mpis demo` (mpis/cli.py)."""
     from mpis.runtime.check import parse_steps, verdict
@@ -137,6 +152,7 @@ def cli_demo(args) -> int:
         steps=args.T,
         check_steps=parse_steps(args.check_T, "--check-T"),
         threads=args.threads,
+        seed=args.seed,
     )
     for line in lines:
         print(line)
