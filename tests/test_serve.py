@@ -4,6 +4,7 @@ import contextlib
 import gzip
 import http.client
 import importlib.util
+import io
 import json
 import shutil
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -431,3 +433,21 @@ def test_config_reader_agrees_with_tritons_own_protobuf(repo, tmp_path):
     with pytest.raises(MpisError, match="no version folder"):
         (tmp_path / "hand" / "1" / "model.onnx").unlink()
         read_model(tmp_path / "hand")
+
+
+def readme_client_snippet() -> str:
+    """The python block of the README's serving section, as a user would copy it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Serving", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_client_snippet_runs_against_mpis_serve(checkpoint, tmp_path):
+    repo = tmp_path / "triton"
+    assert main(["export", str(checkpoint), "--triton-repo", str(repo), "--batch", "8"]) == 0  # model "mpis"
+    snippet = readme_client_snippet()
+    assert '"127.0.0.1:8000"' in snippet
+    printed = io.StringIO()
+    with ModelServer(repo, port=0) as server, contextlib.redirect_stdout(printed):
+        exec(compile(snippet.replace("127.0.0.1:8000", server.url), "README.md", "exec"), {})
+    assert printed.getvalue().startswith("predicted [")

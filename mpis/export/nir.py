@@ -1,4 +1,4 @@
-"""The spiking network as a NIR graph of standard nodes (design note nir-mapping.md).
+"""The spiking network as a NIR graph of standard nodes (docs/nir-mapping.md).
 
 The exporter walks the same graph (`MPISNet.graph`) as training and ONNX export. Every map of the
 equilibrium loop lives on the loop's coarsest grid; a map at `factor` f > 1 is split by phase into f²

@@ -1,4 +1,4 @@
-"""Standard-NIR building blocks for the spiking graph (design note nir-mapping.md §2-3).
+"""Standard-NIR building blocks for the spiking graph (docs/nir-mapping.md §2-3).
 
 NIR 1.0's `IF` resets to a value; DBReLU equivalence needs reset by subtraction. Written exactly with
 standard nodes:  in -> I(r=1) -> Threshold(θ) -> spikes, with a Scale(−Vth) self-loop from the spikes

@@ -1,4 +1,4 @@
-"""Stride-2 linear maps as stride-1 convolutions on a polyphase layout (design note nir-mapping.md §4).
+"""Stride-2 linear maps as stride-1 convolutions on a polyphase layout (docs/nir-mapping.md §4).
 
 A map stored at factor f over the coarse grid of its loop is kept as `pixel_unshuffle(x, f)`:
 (C, f·H, f·W) -> (f²·C, H, W). Any linear op between two such maps that commutes with a shift by one

@@ -11,7 +11,7 @@ The reference is the DBReLU rates after K iterations from the zero state, with K
 checkpoint's T) unless `--iters` says otherwise: the spike rate at T estimates the equilibrium r*, and one
 converged reference for every T makes the error curves comparable across T. How far the reference is
 from converged is measured and reported: max |r_K − r_{K−1}| on the first batch (PyTorch, same map).
-A plain v_init is not part of the rate map (it is a rounding choice of the spiking network, nir-mapping.md
+A plain v_init is not part of the rate map (it is a rounding choice of the spiking network, docs/nir-mapping.md
 §3); a learned initial potential (`--imp`) is, as its v0/T share: for the model's own learned v_init the
 reference of each T is an ONNX graph with horizon T.
 

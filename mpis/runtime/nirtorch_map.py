@@ -1,4 +1,4 @@
-"""A nirtorch node map with the semantics of the design note: `I` integrates (v[t] = v[t−1] + in[t]),
+"""A nirtorch node map with the semantics of docs/nir-mapping.md §1: `I` integrates (v[t] = v[t−1] + in[t]),
 `Threshold` spikes iff x > θ, `Scale` multiplies. Our own entries for Conv2d and Affine, because the
 nirtorch 2.6 defaults drop the Affine bias and swap conv channels."""
 

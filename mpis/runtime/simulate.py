@@ -1,4 +1,4 @@
-"""A batched spiking simulator for NIR graphs (CPU or CUDA), with the time semantics of nir-mapping.md §1.
+"""A batched spiking simulator for NIR graphs (CPU or CUDA), with the time semantics of docs/nir-mapping.md §1.
 
 Time is discrete, dt = 1. Every node runs once per step, in the order nirtorch 2.6's interpreter uses
 (`schedule`): nodes in the graph's order (`nir.read` sorts them by name), Input first, Output last; a
