@@ -172,6 +172,7 @@ def _export_nir(ckpt, args: argparse.Namespace) -> None:
 
     if args.max_param_growth <= 0:
         raise MpisError(f"--max-param-growth must be > 0, got {args.max_param_growth}")
+    print(f"exporting the spiking graph to {args.nir} ({args.flavour}; probing the polyphase blocks) ...", flush=True)
     result = export_nir(
         ckpt.net,
         Path(args.nir),
