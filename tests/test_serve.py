@@ -451,3 +451,33 @@ def test_the_readmes_client_snippet_runs_against_mpis_serve(checkpoint, tmp_path
     with ModelServer(repo, port=0) as server, contextlib.redirect_stdout(printed):
         exec(compile(snippet.replace("127.0.0.1:8000", server.url), "README.md", "exec"), {})
     assert printed.getvalue().startswith("predicted [")
+
+
+@pytest.mark.skipif(shutil.which("perf_analyzer") is None, reason="no perf_analyzer (.ci/install-perf-analyzer)")
+def test_perf_analyzer_measures_mpis_serve_without_being_told_the_version(server):
+    """Triton's own load tool: it finds the version from the statistics (no -x) and reports server-side times.
+    Stability is loosened (-s 1000: any three windows within 11x) so that a loaded CI machine does not fail it."""
+    command = [
+        "perf_analyzer",
+        "-m",
+        "digits",
+        "-u",
+        server.url,
+        "--concurrency-range",
+        "2",
+        "--measurement-mode",
+        "count_windows",
+        "--measurement-request-count",
+        "30",
+        "-s",
+        "1000",
+        "--max-trials",
+        "10",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    server_side = result.stdout.split("Server:", 1)[1]
+    assert "failed to find the requested model version" not in result.stdout + result.stderr
+    counts = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in server_side.splitlines()[1:4])}
+    assert int(counts["Inference count"]) >= 30 and int(counts["Successful request count"]) >= 30
+    assert "compute infer" in server_side
