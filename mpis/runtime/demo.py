@@ -20,7 +20,7 @@ DEMO_STEPS = (10, 30, 100)
 DEMO_V_INITS = "0,0.5vth"
 DEMO_EPOCHS = 25
 DEMO_JAC_REG = 2.0
-DEMO_MINUTES = 6  # measured with the defaults (README)
+DEMO_MINUTES = "6-14"  # measured with the defaults on two 2-core machines (README)
 
 
 def run_demo(*args, threads: int = 1, **kwargs) -> tuple[list[str], object]:
