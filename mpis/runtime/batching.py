@@ -92,7 +92,6 @@ class _Pending:
     rows: int
     arrived: float
     future: asyncio.Future
-    arrived_ns: int = field(default_factory=time.monotonic_ns)
 
 
 def _shapes(pending: _Pending) -> dict[str, tuple[int, ...]]:
@@ -171,7 +170,7 @@ class DynamicBatcher:
     async def _execute(self, batch: list[_Pending]) -> None:
         if not batch:
             return
-        started = time.monotonic_ns()
+        started = asyncio.get_running_loop().time()
         try:
             results, phases = await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, batch)
         except Exception as err:  # the backend's failure belongs to these requests, not to the worker
@@ -179,7 +178,7 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_exception(err)
             return
-        queued = sum(started - p.arrived_ns for p in batch)
+        queued = round(sum(started - p.arrived for p in batch) * 1e9)
         self.stats.executed(sum(p.rows for p in batch), len(batch), queued, phases)
         for pending, result in zip(batch, results, strict=True):
             if not pending.future.done():
