@@ -166,7 +166,7 @@ class MPISNet(nn.Module):
         """A copy for inference with every BN folded into its conv."""
         folded = copy.deepcopy(self).eval()
         for node in self.graph.nodes:
-            if node.kind == "conv":
+            if node.kind == "conv" and not isinstance(self.ops[node.name], FoldedConv):
                 folded.ops[node.name] = FoldedConv.from_conv_bn(self.ops[node.name])
         return folded
 

@@ -1,0 +1,528 @@
+"""NIR files for the toolchains' own importers (docs/toolchain-importers.md): `mpis export --target T`.
+
+Those importers map only a few node types (Conv2d, Affine, Flatten, IF / LIF) and, except nirtorch 2.6,
+run the graph in depth-first order from the input. So this file differs from the exact flavour in three
+ways, each exact for mpis's spikes:
+
+- **Ghost layout.** Every map of the equilibrium loop lives on the loop's finest grid (N×N): a map of
+  size n at dilation D holds its pixel i at D·i, and the other positions are ghosts. A strided conv is
+  then a dilated stride-1 conv, and an up-sampling (transposed conv, nearest) is a stride-1 conv on the
+  zero-inserted map that the ghosts of a spike map are, as long as ghost neurons never fire (their
+  threshold is out of reach). Kernels stay the model's own: no polyphase blocks, odd sizes allowed.
+- **A schedule every importer walks alike.** Nodes are named by execution index (nirtorch 2.6 and mpis
+  run them in name order); for depth-first importers each node's first edge leads to the next node of
+  the schedule, through an all-zero "sequencing" conv where the network has no edge of its own.
+- **No first-step deficit.** A back-edge reads nothing at t = 0, where the model has the Trans map's
+  response to the zero state (its bias). The bias is moved out of the back-edge into a forward constant,
+  so thresholds stay the model's own.
+
+Neurons are written per target as the pattern that target's importer turns into a non-leaky
+integrate-and-fire neuron with reset by subtraction (`NEURON_RECIPES`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mpis.errors import MpisError
+from mpis.model.layers import NearestUp
+from mpis.model.network import MPISNet
+
+GHOST_THRESHOLD = 1e30  # out of reach: a ghost neuron's membrane grows by at most T·|input|
+NORSE_DT = 0.001  # norse.torch.from_nir's default dt: LIF(tau = dt) is then memoryless
+Shape = tuple[int, ...]
+
+
+def _np(t: Tensor | np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(t.detach().cpu() if isinstance(t, Tensor) else t, dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a map lives: `size` pixels per side at `dilation` on a `grid`-wide plane (dilation 0: a
+    native map outside the loop, stored as is)."""
+
+    channels: int
+    size: int
+    dilation: int
+    grid: int
+
+    @property
+    def shape(self) -> Shape:
+        side = self.grid if self.dilation else self.size
+        return (self.channels, side, side)
+
+    def real(self) -> np.ndarray:
+        """Mask of the positions that hold pixels (all of them for a native map)."""
+        mask = np.zeros(self.shape[1:], dtype=bool)
+        step = self.dilation or 1
+        mask[: step * self.size : step, : step * self.size : step] = True
+        return mask
+
+    def to_native(self, x: Tensor) -> Tensor:
+        """(…, C, grid, grid) -> (…, C, size, size)."""
+        step = self.dilation or 1
+        return x[..., : step * self.size : step, : step * self.size : step]
+
+
+@dataclass
+class Recipe:
+    """How one target writes a neuron layer: `build(name, shape, threshold, vth)` returns nodes, edges
+    (forward), back edges, the inlet node and the spike node."""
+
+    build: Callable[..., tuple[dict, list, list, str, str]]
+    about: str
+
+
+def _diagonal(nir, shape: Shape, value: float, stride: int = 1):
+    """A 1×1 conv multiplying each channel by `value`: dense, because the importers build
+    `Conv2d(in_channels=weight.shape[1], groups=g)`, which is wrong for any g > 1."""
+    channels = shape[0]
+    weight = (value * np.eye(channels, dtype=np.float32))[:, :, None, None]
+    return nir.Conv2d(
+        input_shape=shape[1:],
+        weight=weight,
+        stride=stride,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=np.zeros(channels, dtype=np.float32),
+    )
+
+
+def _norse_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: float):
+    """Norse maps IF to reset-to-zero; subtract reset is: a depthwise identity conv with a self-loop as
+    the integrator, LIF(tau = dt) as a memoryless threshold on it, a depthwise −Vth conv as the reset."""
+    ones = np.ones(shape, dtype=np.float32)
+    inlet, spikes, reset = f"{name}.i", f"{name}.spikes", f"{name}.reset"
+    nodes = {
+        inlet: _diagonal(nir, shape, 1.0),
+        spikes: nir.LIF(tau=NORSE_DT * ones, r=ones, v_leak=0 * ones, v_threshold=threshold, v_reset=0 * ones),
+        reset: _diagonal(nir, shape, -vth),
+    }
+    return nodes, [(inlet, spikes), (spikes, reset)], [(inlet, inlet), (reset, inlet)], inlet, spikes
+
+
+NEURON_RECIPES = {
+    "norse": Recipe(_norse_neuron, "norse.torch.from_nir (Norse 1.1): LIF(tau = dt) threshold on an integrator"),
+}
+TARGETS = tuple(NEURON_RECIPES)
+
+
+@dataclass
+class ToolchainExport:
+    """The graph plus what a runner needs to read spikes back in the model's own layout."""
+
+    graph: object
+    target: str
+    spike_nodes: dict[str, str]  # model neuron layer -> NIR node emitting its spikes
+    geometries: dict[str, Geometry]  # model neuron layer -> where its pixels are
+    sequencing: int  # all-zero convs added for depth-first importers
+    nir_params: int
+    source_params: int
+
+    @property
+    def growth(self) -> float:
+        return self.nir_params / self.source_params
+
+
+@dataclass
+class _Builder:
+    """Walks `net.graph` once, in its order, emitting NIR nodes in execution order."""
+
+    net: MPISNet
+    recipe: Recipe
+    v_init: float | None
+    order: list[str] = field(default_factory=list)
+    nodes: dict[str, object] = field(default_factory=dict)
+    edges: list[tuple[str, str]] = field(default_factory=list)
+    back: set[tuple[str, str]] = field(default_factory=set)
+    out_shape: dict[str, Shape] = field(default_factory=dict)
+    in_shape: dict[str, Shape] = field(default_factory=dict)
+    late: set[str] = field(default_factory=set)
+    head: list[str] = field(default_factory=list)
+    geometry: dict[str, Geometry] = field(default_factory=dict)
+    sources: dict[str, list[str]] = field(default_factory=dict)  # model map -> NIR nodes summing to it
+    inlets: dict[str, str] = field(default_factory=dict)  # model neuron layer -> its integrator
+    spike_nodes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import nir
+
+        self.nir = nir
+        self.loop = {n.name for n in self.net.loop_nodes}
+        if any(n.shape[1] != n.shape[2] for n in self.net.graph.nodes if len(n.shape) == 3):
+            raise MpisError("toolchain export needs square maps")
+        self.grid = max(n.shape[-1] for n in self.net.loop_nodes)
+
+    # ---- geometry --------------------------------------------------------------------------
+    def place_maps(self) -> None:
+        """Dilation of every map: strides multiply it, up-sampling divides it; a Trans map (read from the
+        previous step's state) is placed once its state is."""
+        pending = [n for n in self.net.graph.nodes if n.kind != "head"]
+        while pending:
+            placed = [node for node in pending if self.place(node)]
+            if not placed:
+                raise MpisError("toolchain export: cannot place the loop's maps on one grid")
+            pending = [node for node in pending if node not in placed]
+
+    def place(self, node) -> bool:
+        channels, size = node.shape[0], node.shape[-1]
+        if node.name not in self.loop:
+            self.geometry[node.name] = Geometry(channels, size, 0, self.grid)
+            return True
+        placed = [s for s in (*node.inputs, *node.delayed) if s in self.geometry]
+        if placed:
+            dilation = self.geometry[placed[0]].dilation or 1
+            if node.kind in ("conv", "linear"):
+                for op in _chain(self.net.ops[node.name]):
+                    dilation = _out_dilation(op, dilation)
+        elif node.delayed:  # a Trans map: the input of its stream's first layer, placed by its size
+            dilation = next(d for d in (2**k for k in range(self.grid.bit_length() + 1)) if d * size >= self.grid)
+        else:
+            return False
+        geo = Geometry(channels, size, dilation, self.grid)
+        if not geo.dilation * (geo.size - 1) < self.grid <= geo.dilation * geo.size:
+            raise MpisError(
+                f"toolchain export: {node.name} ({size}x{size}) does not fit a {self.grid}x{self.grid} grid"
+            )
+        self.geometry[node.name] = geo
+        return True
+
+    # ---- nodes and edges ---------------------------------------------------------------------
+    def add(self, name: str, node: object, in_shape: Shape, out_shape: Shape, late: bool = False) -> str:
+        if name in self.nodes:
+            raise MpisError(f"toolchain export: node {name} emitted twice")
+        self.nodes[name] = node
+        self.order.append(name)
+        self.in_shape[name], self.out_shape[name] = tuple(in_shape), tuple(out_shape)
+        if late:
+            self.late.add(name)
+        return name
+
+    def connect(self, source: str, target: str, back: bool = False) -> None:
+        self.edges.append((source, target))
+        if back or (source in self.late and target not in self.late):
+            self.back.add((source, target))
+
+    def conv(self, name: str, op: nn.Module, source: str, geo_in: Geometry, geo_out: Geometry, bias: bool, late: bool):
+        """Add `op` applied to the NIR node `source` as one Conv2d on the ghost grid (ops outside the loop
+        are copied as they are); returns the new node's name."""
+        nir = self.nir
+        weight, bias_values = _weight_bias(op, geo_in.channels)
+        if not bias:
+            bias_values = torch.zeros_like(bias_values)
+        groups = 1
+        if not geo_out.dilation:
+            stride, padding, dilation = op.stride[0], op.padding[0], 1
+        else:
+            d_in = geo_in.dilation or 1
+            if isinstance(op, nn.ConvTranspose2d):
+                if op.padding[0] * 2 != op.kernel_size[0] - 1 or op.dilation[0] != 1:
+                    raise MpisError("toolchain export needs transposed convs with padding (kernel − 1) / 2")
+                dilation = d_in // op.stride[0]
+                weight, padding = weight.flip(-1, -2).transpose(0, 1), dilation * op.padding[0]
+            elif isinstance(op, NearestUp):
+                dilation, kernel = d_in // op.factor, 2 * op.factor - 1
+                weight = torch.zeros(geo_in.channels, geo_in.channels, kernel, kernel)
+                channel = torch.arange(geo_in.channels)
+                weight[channel, channel, : op.factor, : op.factor] = 1.0  # a pixel's block: offsets 0 … −(f−1)·d
+                padding = dilation * (op.factor - 1)
+            else:
+                dilation, padding = d_in, d_in * op.padding[0]
+            stride = 1
+        node = nir.Conv2d(
+            input_shape=geo_in.shape[1:],
+            weight=_np(weight),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=_np(bias_values),
+        )
+        self.add(name, node, geo_in.shape, geo_out.shape, late)
+        self.connect(source, name)
+        return name
+
+    def chain(self, model_node, term: int, source_map: str, source: str, bias: bool, late: bool) -> str:
+        """`model_node`'s op chain applied to one term of its input; returns the last node."""
+        ops = _chain(self.net.ops[model_node.name])
+        geo = self.geometry[source_map]
+        current = source
+        for i, op in enumerate(ops):
+            last = i == len(ops) - 1
+            if last:
+                geo_next = self.geometry[model_node.name]
+            else:
+                d = _out_dilation(op, geo.dilation or 1)
+                geo_next = Geometry(_weight_bias(op, geo.channels)[1].numel(), -(-self.grid // d), d, self.grid)
+            name = f"{model_node.name}.{'late' if late else 'in'}{term}" + ("" if last else f".{i}")
+            current = self.conv(name, op, current, geo, geo_next, bias, late)
+            geo = geo_next
+        return current
+
+    def emit_linear(self, node) -> None:
+        """`node`'s op applied to each forward term of its input (op(a + b) = op(a) + op(b)); the bias is
+        added once, on a forward term, so the first step has it too. A node read only through a back-edge
+        (a Trans map) gets its bias as a forward constant now and its state term when the state exists."""
+        self.sources[node.name] = []
+        terms = [(s, n) for s in node.inputs for n in self.sources[s]]
+        for k, (source_map, source) in enumerate(terms):
+            self.sources[node.name].append(self.chain(node, k, source_map, source, bias=k == 0, late=False))
+        if not terms:
+            self.sources[node.name].append(self.bias_constant(node))
+
+    def bias_constant(self, node) -> str:
+        """The op's response to a zero input: an all-zero conv (with the op's bias) from the node emitted
+        just before, so that its edge is also the schedule's next step."""
+        ops = _chain(self.net.ops[node.name])
+        if len(ops) != 1:
+            raise MpisError("toolchain export: a back-edge map made of more than one op")
+        previous = self.order[-1]
+        bias = _weight_bias(ops[0], self.geometry[node.name].channels)[1]
+        shape = self.geometry[node.name].shape
+        name = self.add(
+            f"{node.name}.bias",
+            _zero_conv(self.nir, self.out_shape[previous], shape, bias),
+            self.out_shape[previous],
+            shape,
+        )
+        self.connect(previous, name)
+        return name
+
+    def emit_late(self, node) -> None:
+        """A back-edge map's state term: its op (no bias) on the previous step's state, then on through
+        every op that reads it, into the integrators that were emitted before (back-edges)."""
+        for k, source in enumerate(self.sources[node.delayed[0]]):
+            late = self.chain(node, k, node.delayed[0], source, bias=False, late=True)
+            self.propagate(node.name, late, k)
+
+    def propagate(self, map_name: str, late: str, k: int) -> None:
+        for reader in self.net.graph.nodes:
+            if map_name not in reader.inputs:
+                continue
+            if reader.kind == "neuron":
+                self.connect(late, self.inlets[reader.name])
+            elif reader.kind == "sum":
+                self.propagate(reader.name, late, k)
+            elif reader.kind in ("conv", "linear"):
+                out = self.chain(reader, k, map_name, late, bias=False, late=True)
+                self.propagate(reader.name, out, k)
+            else:
+                raise MpisError("toolchain export: the classifier reads a back-edge map")
+
+    def emit_neuron(self, node) -> None:
+        geo = self.geometry[node.name]
+        threshold = np.full(geo.shape, GHOST_THRESHOLD, dtype=np.float32)
+        v0 = self.initial_potential(node.name, node.shape)
+        threshold[:, geo.real()] = (self.net.neuron.vth - v0).reshape(geo.channels, -1)
+        nodes, edges, back, inlet, spikes = self.recipe.build(
+            self.nir, node.name, geo.shape, threshold, self.net.neuron.vth
+        )
+        for name, nir_node in nodes.items():
+            self.add(name, nir_node, geo.shape, geo.shape)
+        for source in self.sources[node.inputs[0]]:
+            self.connect(source, inlet)
+        for edge in edges:
+            self.connect(*edge)
+        for edge in back:
+            self.connect(*edge, back=True)
+        self.inlets[node.name] = inlet
+        self.sources[node.name] = [spikes]
+        self.spike_nodes[node.name] = spikes
+
+    def initial_potential(self, name: str, shape: Shape) -> np.ndarray:
+        if self.v_init is not None:
+            return np.full(shape, self.v_init, dtype=np.float32)
+        if name in self.net.imp:
+            return _np(self.net.imp[name].expand(shape))
+        return np.full(shape, self.net.v_init, dtype=np.float32)
+
+    def emit_head(self, node) -> None:
+        """Real pixels of the last stream (a depthwise identity conv with stride D picks them), then
+        Flatten(−3) and Affine: logits per step, for batched or single inputs alike."""
+        nir = self.nir
+        state = node.inputs[0]
+        if len(self.sources[state]) != 1:
+            raise MpisError("toolchain export: the classifier must read one spike map")
+        geo, current = self.geometry[state], self.sources[state][0]
+        features = (geo.channels, geo.size, geo.size)
+        if geo.dilation > 1:
+            select = _diagonal(nir, geo.shape, 1.0, stride=geo.dilation)
+            current = self.add("head.select", select, geo.shape, features)
+            self.connect(self.sources[state][0], current)
+            self.head.append(current)
+        flat = nir.Flatten(input_type={"input": np.array(features)}, start_dim=-3, end_dim=-1)
+        self.add("head.flatten", flat, features, (int(np.prod(features)),))
+        self.connect(current, "head.flatten")
+        fc = self.net.ops["head"].fc
+        affine = nir.Affine(weight=_np(fc.weight), bias=_np(fc.bias))
+        self.add("head.affine", affine, (fc.in_features,), (fc.out_features,))
+        self.connect("head.flatten", "head.affine")
+        self.head += ["head.flatten", "head.affine"]
+
+    def run(self) -> None:
+        self.place_maps()
+        waiting: dict[str, list] = {}  # state map -> back-edge maps that read it
+        for node in self.net.graph.nodes:
+            if node.kind == "input":
+                self.add("input", self.nir.Input(input_type={"input": np.array(node.shape)}), node.shape, node.shape)
+                self.sources["input"] = ["input"]
+            elif node.kind in ("conv", "linear"):
+                self.emit_linear(node)
+                for source in node.delayed:
+                    waiting.setdefault(source, []).append(node)
+            elif node.kind == "neuron":
+                self.emit_neuron(node)
+            elif node.kind == "sum":
+                self.sources[node.name] = [n for i in node.inputs for n in self.sources[i]]
+            else:
+                self.emit_head(node)
+            for reader in waiting.pop(node.name, []):
+                self.emit_late(reader)
+        if waiting:
+            raise MpisError("toolchain export: a back-edge whose source never appears")
+
+
+def schedule(builder: _Builder) -> tuple[list[str], list[tuple[str, str]], int]:
+    """Final node order and edge order for both kinds of importer, plus the count of sequencing convs.
+
+    Name-order importers (nirtorch 2.6: snnTorch; mpis) run the nodes in the order emitted. Depth-first
+    importers (nirtorch.load: Norse, Sinabs) start at the input and take each node's edges in file order,
+    reading a node that has not run yet from the previous step: so each node's first edge leads to the
+    next node of the order, directly or through an all-zero conv, and the whole order is one path. It ends
+    with the head, so that the tensor those importers return (the last node's) is the logits."""
+    b = builder
+    forward = [e for e in b.edges if e not in b.back]
+    first: list[tuple[str, str]] = []
+    inserted: dict[str, str] = {}  # node -> sequencing conv after it
+    for a, c in zip(b.order, b.order[1:], strict=False):
+        if (a, c) in forward:
+            first.append((a, c))
+            continue
+        z = f"seq.{a}"
+        b.nodes[z] = _zero_conv(b.nir, b.out_shape[a], b.in_shape[c])
+        inserted[a] = z
+        first += [(a, z), (z, c)]
+    order = [n for name in b.order for n in (name, inserted.get(name)) if n is not None]
+    edges = first + [e for e in b.edges if e not in first]
+    _check_schedule(order, edges, b.back, "name order")
+    _check_schedule(_depth_first(order[0], edges), edges, b.back, "depth-first order")
+    return order, edges, len(inserted)
+
+
+def _depth_first(start: str, edges: list[tuple[str, str]]) -> list[str]:
+    """The order nirtorch.load's GraphExecutor runs a graph in (`trace_execution`: preorder, file order)."""
+    out: dict[str, list[str]] = {}
+    for source, target in edges:
+        out.setdefault(source, []).append(target)
+    visited: list[str] = []
+    seen: set[str] = set()
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        visited.append(node)
+        stack.extend(reversed([c for c in out.get(node, []) if c not in seen]))
+    return visited
+
+
+def _check_schedule(order: list[str], edges, back: set, what: str) -> None:
+    position = {n: i for i, n in enumerate(order)}
+    for source, target in edges:
+        if source not in position or target not in position:
+            raise MpisError(f"toolchain export: {what} does not reach {source if source not in position else target}")
+        late = position[source] >= position[target]
+        if late != ((source, target) in back):
+            raise MpisError(f"toolchain export: {what} would read {source} -> {target} in the wrong step")
+
+
+def build_toolchain_nir(
+    net: MPISNet, target: str, v_init: float | None = None, steps: int | None = None
+) -> ToolchainExport:
+    """The NIR graph of `net` (BN folded here) written for `target`'s importer."""
+    import nir
+
+    if target not in NEURON_RECIPES:
+        raise MpisError(f"unknown toolchain target {target!r}; choose one of {', '.join(TARGETS)}")
+    if net.neuron.reset != "soft" or net.neuron.leak != 1.0:
+        raise MpisError("toolchain export writes IF neurons with reset by subtraction (--reset soft, no leak)")
+    folded = net.folded_copy()
+    builder = _Builder(folded, NEURON_RECIPES[target], v_init)
+    with torch.no_grad():
+        builder.run()
+    order, edges, sequencing = schedule(builder)
+    width = len(str(len(order)))
+    names = {n: n if n == "input" else f"{i:0{width}d}_{n}" for i, n in enumerate(order)}
+    nodes = {names[n]: builder.nodes[n] for n in order}
+    nodes["output"] = nir.Output(output_type={"output": np.array([net.arch.classes])})
+    nir_edges = [(names[a], names[c]) for a, c in edges] + [(names["head.affine"], "output")]
+    metadata = {
+        "source": "mpis",
+        "arch": str(net.arch),
+        "target": target,
+        "vth": net.neuron.vth,
+        "T": int(steps or 0),
+        "input_shape": list(net.input_shape),
+        "classes": net.arch.classes,
+    }
+    graph = nir.NIRGraph(nodes=nodes, edges=nir_edges, metadata=metadata)
+    params = sum(n.weight.size + n.bias.size for n in nodes.values() if isinstance(n, (nir.Conv2d, nir.Affine)))
+    source = sum(p.numel() for name in folded.ops for p in folded.ops[name].parameters())
+    spike_nodes = {layer: names[node] for layer, node in builder.spike_nodes.items()}
+    geometries = {layer: builder.geometry[layer] for layer in builder.spike_nodes}
+    return ToolchainExport(graph, target, spike_nodes, geometries, sequencing, params, source)
+
+
+def _chain(module: nn.Module) -> list[nn.Module]:
+    return [op for child in module for op in _chain(child)] if isinstance(module, nn.Sequential) else [module]
+
+
+def _out_dilation(op: nn.Module, dilation: int) -> int:
+    if isinstance(op, nn.ConvTranspose2d):
+        factor = op.stride[0]
+    elif isinstance(op, NearestUp):
+        factor = op.factor
+    elif isinstance(op, nn.Conv2d):
+        return dilation * op.stride[0]
+    else:
+        raise MpisError(f"toolchain export does not support the layer {type(op).__name__}")
+    if dilation % factor:
+        raise MpisError("toolchain export: up-sampling below the loop's finest grid")
+    return dilation // factor
+
+
+def _weight_bias(op: nn.Module, channels: int) -> tuple[Tensor, Tensor]:
+    if isinstance(op, NearestUp):
+        return torch.zeros(0), torch.zeros(channels)
+    out_channels = op.weight.shape[1 if isinstance(op, nn.ConvTranspose2d) else 0]
+    bias = op.bias.detach() if op.bias is not None else torch.zeros(out_channels)
+    return op.weight.detach(), bias
+
+
+def _zero_conv(nir, in_shape: Shape, out_shape: Shape | None, bias: Tensor | None = None):
+    """An all-zero 1×1 conv from `in_shape` to `out_shape`, adding `bias`."""
+    c_in, c_out = in_shape[0], out_shape[0]
+    size_in, size_out = in_shape[-1], out_shape[-1]
+    stride = next((s for s in range(1, size_in + 1) if (size_in - 1) // s + 1 == size_out), None)
+    padding = 0
+    if stride is None:  # grow: stride 1, kernel 1, symmetric padding
+        if (size_out - size_in) % 2:
+            raise MpisError(f"cannot sequence a {size_in}x{size_in} map into a {size_out}x{size_out} one")
+        stride, padding = 1, (size_out - size_in) // 2
+    return nir.Conv2d(
+        input_shape=in_shape[1:],
+        weight=np.zeros((c_out, c_in, 1, 1), dtype=np.float32),
+        stride=stride,
+        padding=padding,
+        dilation=1,
+        groups=1,
+        bias=_np(bias) if bias is not None else np.zeros(c_out, dtype=np.float32),
+    )
