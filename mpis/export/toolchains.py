@@ -30,10 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from mpis.errors import MpisError
+from mpis.export.fixed_point import Grid, dyadic_copy
 from mpis.model.layers import NearestUp
 from mpis.model.network import MPISNet
 
 GHOST_THRESHOLD = 1e30  # out of reach: a ghost neuron's membrane grows by at most T·|input|
+DEFAULT_WEIGHT_BITS = 8  # digits net: spikes identical in Norse and mpis; at 10 bits chained ops overflow float32
 NORSE_DT = 0.001  # norse.torch.from_nir's default dt: LIF(tau = dt) is then memoryless
 Shape = tuple[int, ...]
 
@@ -95,7 +97,7 @@ def _diagonal(nir, shape: Shape, value: float, stride: int = 1):
     )
 
 
-def _norse_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: float):
+def _norse_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: float, step: float):
     """Norse maps IF to reset-to-zero; subtract reset is: a depthwise identity conv with a self-loop as
     the integrator, LIF(tau = dt) as a memoryless threshold on it, a depthwise −Vth conv as the reset."""
     ones = np.ones(shape, dtype=np.float32)
@@ -125,6 +127,7 @@ class ToolchainExport:
     sequencing: int  # all-zero convs added for depth-first importers
     nir_params: int
     source_params: int
+    net: MPISNet  # the folded, dyadic net the file was written from: its spikes are the reference
 
     @property
     def growth(self) -> float:
@@ -138,6 +141,7 @@ class _Builder:
     net: MPISNet
     recipe: Recipe
     v_init: float | None
+    grids: dict[str, Grid]
     order: list[str] = field(default_factory=list)
     nodes: dict[str, object] = field(default_factory=dict)
     edges: list[tuple[str, str]] = field(default_factory=list)
@@ -320,9 +324,13 @@ class _Builder:
         geo = self.geometry[node.name]
         threshold = np.full(geo.shape, GHOST_THRESHOLD, dtype=np.float32)
         v0 = self.initial_potential(node.name, node.shape)
-        threshold[:, geo.real()] = (self.net.neuron.vth - v0).reshape(geo.channels, -1)
+        step = 2.0 ** -self.grids[node.inputs[0]].fraction  # the membrane's resolution
+        shifted = self.net.neuron.vth - v0
+        if not np.array_equal(np.round(shifted / step) * step, shifted):
+            raise MpisError(f"{node.name}: Vth − v_init = {shifted.flat[0]:g} is not on the membrane's 2^-k grid")
+        threshold[:, geo.real()] = shifted.reshape(geo.channels, -1)
         nodes, edges, back, inlet, spikes = self.recipe.build(
-            self.nir, node.name, geo.shape, threshold, self.net.neuron.vth
+            self.nir, node.name, geo.shape, threshold, self.net.neuron.vth, step
         )
         for name, nir_node in nodes.items():
             self.add(name, nir_node, geo.shape, geo.shape)
@@ -374,6 +382,11 @@ class _Builder:
                 self.add("input", self.nir.Input(input_type={"input": np.array(node.shape)}), node.shape, node.shape)
                 self.sources["input"] = ["input"]
             elif node.kind in ("conv", "linear"):
+                if any(self.net.graph.node(s).kind != "neuron" for s in node.delayed):
+                    raise MpisError(
+                        "toolchain export needs fusion before the last FEB layer (the Trans map must read spikes, "
+                        f"not the fused sum): {self.net.arch} fuses after the last"
+                    )
                 self.emit_linear(node)
                 for source in node.delayed:
                     waiting.setdefault(source, []).append(node)
@@ -445,17 +458,24 @@ def _check_schedule(order: list[str], edges, back: set, what: str) -> None:
 
 
 def build_toolchain_nir(
-    net: MPISNet, target: str, v_init: float | None = None, steps: int | None = None
+    net: MPISNet,
+    target: str,
+    v_init: float | None = None,
+    steps: int | None = None,
+    weight_bits: int = DEFAULT_WEIGHT_BITS,
 ) -> ToolchainExport:
-    """The NIR graph of `net` (BN folded here) written for `target`'s importer."""
+    """The NIR graph of `net` (BN folded, weights dyadic with `weight_bits` significant bits: see
+    `fixed_point`) written for `target`'s importer."""
     import nir
 
     if target not in NEURON_RECIPES:
         raise MpisError(f"unknown toolchain target {target!r}; choose one of {', '.join(TARGETS)}")
     if net.neuron.reset != "soft" or net.neuron.leak != 1.0:
         raise MpisError("toolchain export writes IF neurons with reset by subtraction (--reset soft, no leak)")
-    folded = net.folded_copy()
-    builder = _Builder(folded, NEURON_RECIPES[target], v_init)
+    if v_init is None and len(net.imp):
+        raise MpisError("toolchain export writes one initial potential per layer; pass --v-init (learned IMP)")
+    folded, grids = dyadic_copy(net, weight_bits)
+    builder = _Builder(folded, NEURON_RECIPES[target], v_init, grids)
     with torch.no_grad():
         builder.run()
     order, edges, sequencing = schedule(builder)
@@ -472,13 +492,15 @@ def build_toolchain_nir(
         "T": int(steps or 0),
         "input_shape": list(net.input_shape),
         "classes": net.arch.classes,
+        "weight_bits": weight_bits,
+        "v_init": float(v_init if v_init is not None else net.v_init),
     }
     graph = nir.NIRGraph(nodes=nodes, edges=nir_edges, metadata=metadata)
     params = sum(n.weight.size + n.bias.size for n in nodes.values() if isinstance(n, (nir.Conv2d, nir.Affine)))
     source = sum(p.numel() for name in folded.ops for p in folded.ops[name].parameters())
     spike_nodes = {layer: names[node] for layer, node in builder.spike_nodes.items()}
     geometries = {layer: builder.geometry[layer] for layer in builder.spike_nodes}
-    return ToolchainExport(graph, target, spike_nodes, geometries, sequencing, params, source)
+    return ToolchainExport(graph, target, spike_nodes, geometries, sequencing, params, source, folded)
 
 
 def _chain(module: nn.Module) -> list[nn.Module]:
