@@ -494,6 +494,15 @@ def build_toolchain_nir(
         "classes": net.arch.classes,
         "weight_bits": weight_bits,
         "v_init": float(v_init if v_init is not None else net.v_init),
+        "layers": {  # where each neuron layer's spikes are, for a reader that wants the model's layout
+            layer: {
+                "spikes": names[node],
+                "channels": builder.geometry[layer].channels,
+                "size": builder.geometry[layer].size,
+                "dilation": builder.geometry[layer].dilation,
+            }
+            for layer, node in builder.spike_nodes.items()
+        },
     }
     graph = nir.NIRGraph(nodes=nodes, edges=nir_edges, metadata=metadata)
     params = sum(n.weight.size + n.bias.size for n in nodes.values() if isinstance(n, (nir.Conv2d, nir.Affine)))
