@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mpis.config import CONFIG_CLASSES, ModelConfig, SolverConfig, TrainConfig
 from mpis.errors import MpisError
-from mpis.export import DEFAULT_MAX_PARAM_GROWTH
+from mpis.export import DEFAULT_MAX_PARAM_GROWTH, DEFAULT_WEIGHT_BITS, TOOLCHAIN_TARGETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -170,6 +170,9 @@ def _export(args: argparse.Namespace) -> int:
 def _export_nir(ckpt, args: argparse.Namespace) -> None:
     from mpis.export.nir import default_nir_v_init, export_nir
 
+    if args.target != "nirtorch":
+        _export_toolchain_nir(ckpt, args)
+        return
     if args.max_param_growth <= 0:
         raise MpisError(f"--max-param-growth must be > 0, got {args.max_param_growth}")
     print(f"exporting the spiking graph to {args.nir} ({args.flavour}; probing the polyphase blocks) ...", flush=True)
@@ -194,6 +197,27 @@ def _export_nir(ckpt, args: argparse.Namespace) -> None:
             "note: with leaky neurons the Trans feedback's first-step response cannot be folded into the "
             "thresholds, so the loop's spike counts drift from the model's (IF neurons are exact)"
         )
+
+
+def _export_toolchain_nir(ckpt, args: argparse.Namespace) -> None:
+    from mpis.export.nir import default_nir_v_init
+    from mpis.export.toolchains import NEURON_RECIPES, export_toolchain_nir
+
+    if args.flavour != "exact":
+        raise MpisError(
+            f"--flavour {args.flavour} is for --target nirtorch; --target {args.target} has its own neurons"
+        )
+    v_init = default_nir_v_init(ckpt.net) if args.v_init is None else args.v_init
+    print(f"exporting the spiking graph for {args.target}'s importer to {args.nir} ...", flush=True)
+    result = export_toolchain_nir(
+        ckpt.net, Path(args.nir), args.target, v_init, ckpt.solver_cfg.T, args.weight_bits, args.overwrite
+    )
+    print(
+        f"wrote {args.nir} (--target {args.target}: {NEURON_RECIPES[args.target].about}): "
+        f"{len(result.graph.nodes)} nodes, {len(result.graph.edges)} edges, {result.sequencing} sequencing convs; "
+        f"parameters {result.nir_params:,} vs the model's {result.source_params:,} ({result.growth:.2f}x); "
+        f"weights dyadic, {args.weight_bits} significant bits per layer (mpis check --toolchain compares the spikes)"
+    )
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -310,6 +334,21 @@ def build_parser() -> argparse.ArgumentParser:
         "exact = standard I/Threshold/Scale nodes with subtract reset; compact = one IF per layer",
     )
     export.add_argument(
+        "--target",
+        default="nirtorch",
+        choices=("nirtorch", *TOOLCHAIN_TARGETS),
+        help="whose NIR importer the file is written for: nirtorch = standard nodes, exact for nirtorch 2.6 "
+        "with mpis's node map and mpis simulate (--flavour); norse = Norse's own norse.torch.from_nir "
+        "(docs/toolchain-importers.md)",
+    )
+    export.add_argument(
+        "--weight-bits",
+        type=int,
+        default=DEFAULT_WEIGHT_BITS,
+        help="toolchain targets: significant bits of every layer's weights (dyadic, so that every importer's "
+        "sums are exact and its spikes are mpis's; default %(default)s)",
+    )
+    export.add_argument(
         "--v-init",
         type=float,
         help="initial membrane potential in the NIR graph (default: Vth/2 for IF neurons, which halves the rate "
@@ -411,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.99,
         help="exit 2 below this argmax agreement at the largest T (default 0.99)",
+    )
+    check.add_argument(
+        "--toolchain",
+        help="also run each toolchain's own NIR importer on its file (mpis export --target), comma-separated: "
+        "norse, sinabs, snntorch, spyx; NAME=PYTHON runs it with another interpreter (its own venv)",
     )
     check.add_argument("--dataset", help="dataset whose test set is used (default: the checkpoint's)")
     check.add_argument("--data-dir", help="folder with the dataset's standard files (not needed for digits)")

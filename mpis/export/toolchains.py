@@ -24,18 +24,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mpis.errors import MpisError
+from mpis.export import DEFAULT_WEIGHT_BITS, TOOLCHAIN_TARGETS
 from mpis.export.fixed_point import Grid, dyadic_copy
 from mpis.model.layers import NearestUp
 from mpis.model.network import MPISNet
 
 GHOST_THRESHOLD = 1e30  # out of reach: a ghost neuron's membrane grows by at most T·|input|
-DEFAULT_WEIGHT_BITS = 8  # digits net: spikes identical in Norse and mpis; at 10 bits chained ops overflow float32
 NORSE_DT = 0.001  # norse.torch.from_nir's default dt: LIF(tau = dt) is then memoryless
 Shape = tuple[int, ...]
 
@@ -113,7 +114,8 @@ def _norse_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: floa
 NEURON_RECIPES = {
     "norse": Recipe(_norse_neuron, "norse.torch.from_nir (Norse 1.1): LIF(tau = dt) threshold on an integrator"),
 }
-TARGETS = tuple(NEURON_RECIPES)
+TARGETS = TOOLCHAIN_TARGETS
+assert set(NEURON_RECIPES) == set(TARGETS)
 
 
 @dataclass
@@ -557,3 +559,36 @@ def _zero_conv(nir, in_shape: Shape, out_shape: Shape | None, bias: Tensor | Non
         groups=1,
         bias=_np(bias) if bias is not None else np.zeros(c_out, dtype=np.float32),
     )
+
+
+def export_toolchain_nir(
+    net: MPISNet,
+    path: Path,
+    target: str,
+    v_init: float,
+    steps: int | None = None,
+    weight_bits: int = DEFAULT_WEIGHT_BITS,
+    overwrite: bool = False,
+) -> ToolchainExport:
+    """Build for `target`, write atomically and read back with the reader's type checking."""
+    import nir
+
+    from mpis.export.nir_nodes import read_nir
+    from mpis.train.checkpoint import atomic_write
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise MpisError(f"folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise MpisError(f"{path} already exists; choose another path or pass --overwrite")
+    result = build_toolchain_nir(net, target, v_init, steps, weight_bits)
+
+    def write(tmp: str) -> None:
+        nir.write(tmp, result.graph)
+        read_nir(tmp)
+
+    try:
+        atomic_write(path, write)
+    except PermissionError as err:
+        raise MpisError(f"cannot write {path}: {err.strerror}") from None
+    return result

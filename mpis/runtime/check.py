@@ -221,6 +221,33 @@ def loglog_slope(steps: list[int], errors: list[float]) -> float | None:
     return float(np.polyfit(x, y, 1)[0])
 
 
+MIN_TOOLCHAIN_IDENTITY = 0.999  # share of spike counts a toolchain must reproduce exactly
+
+
+@dataclass
+class ToolchainRow:
+    """One toolchain's importer on its file (`mpis export --target`), one v_init and T: the share of spike
+    counts (per neuron and input) equal to mpis's, and argmax agreement with mpis and with ONNX."""
+
+    toolchain: str
+    v_init: str
+    steps: int
+    status: str  # "ran", or why not
+    version: str = ""
+    file: str = ""
+    identical: float | None = None
+    agreement_mpis: float | None = None
+    agreement_onnx: float | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "ran" and self.identical < MIN_TOOLCHAIN_IDENTITY
+
+
 @dataclass
 class CheckReport:
     checkpoint: str
@@ -239,6 +266,7 @@ class CheckReport:
     files: dict[str, str] = field(default_factory=dict)
     burn_in: int = 0
     layout: str = "graph"  # how the spike runtime ran the NIR graph
+    toolchains: list[ToolchainRow] = field(default_factory=list)
 
     def row(self, v_init: str, steps: int) -> Row:
         return next(r for r in self.rows if r.v_init == v_init and r.steps == steps)
@@ -262,6 +290,12 @@ class CheckReport:
             if self.row(v.label, last).agreement < self.min_agreement
         ]
 
+    def toolchain_failures(self) -> list[str]:
+        """Toolchains that ran but reproduced fewer than MIN_TOOLCHAIN_IDENTITY of mpis's spike counts."""
+        return [
+            f"{r.toolchain} {r.identical:.6f} (v_init {r.v_init}, T = {r.steps})" for r in self.toolchains if r.failed
+        ]
+
     def as_dict(self) -> dict:
         return {
             "checkpoint": self.checkpoint,
@@ -282,9 +316,13 @@ class CheckReport:
             "rows": [r.as_dict() for r in self.rows],
             "slopes": self.slopes(),
             "min_agreement": self.min_agreement,
-            "passed": not self.failures(),
+            "passed": not self.failures() and not self.toolchain_failures(),
             "artifacts": self.artifacts,
             "seconds": self.seconds,
+            "toolchains": [t.as_dict() for t in self.toolchains],
+            "toolchains_what": "each toolchain's own importer on its mpis export --target file (dyadic weights): "
+            "share of spike counts equal to mpis's (every neuron and input), argmax agreement with mpis's spikes "
+            "and with the ONNX rate graph",
         }
 
     def lines(self) -> list[str]:
@@ -326,7 +364,28 @@ class CheckReport:
             for label, slopes in self.slopes().items():
                 text = ", ".join(f"{n} {'n/a' if s is None else f'{s:.2f}'}" for n, s in slopes.items())
                 out.append(f"log-log slope of mean |Δrate| vs T, v_init {label}: {text}")
+        if self.toolchains:
+            out += toolchain_lines(self.toolchains)
         return out
+
+
+def toolchain_lines(rows: list[ToolchainRow]) -> list[str]:
+    """The toolchains' table: their own importers on their files, against mpis and ONNX."""
+    out = [
+        "toolchains (their own NIR importers, mpis export --target files, dyadic weights):",
+        f"  {'toolchain':<20} {'v_init':<8} {'T':>5} {'identical spike counts':>23} {'argmax = mpis':>14} "
+        f"{'argmax = ONNX':>14} {'seconds':>8}",
+    ]
+    for r in rows:
+        name = f"{r.toolchain} {r.version}".strip()
+        if r.status != "ran":
+            out.append(f"  {name:<20} {r.v_init:<8} {r.steps:>5} {r.status}")
+            continue
+        out.append(
+            f"  {name:<20} {r.v_init:<8} {r.steps:>5} {r.identical:>23.6f} {r.agreement_mpis:>14.4f} "
+            f"{r.agreement_onnx:>14.4f} {r.seconds:>8.1f}"
+        )
+    return out
 
 
 # ---- the check ------------------------------------------------------------------------------------
@@ -349,6 +408,7 @@ class CheckOptions:
     threads: int = 1
     burn_in: int = 0  # steps simulated before spikes are counted (the loop settles from the zero state)
     layout: str = "graph"  # spike runtime: every node as written, or mpis layers in native layout (faster)
+    toolchains: str | None = None  # e.g. "norse,sinabs=/venv/bin/python": their own importers, on toolchain files
 
 
 DEFAULT_V_INITS = "0,0.5vth"
@@ -526,6 +586,7 @@ def _run_check(opts: CheckOptions) -> CheckReport:
         for t in steps
     }
     seconds = {key: 0.0 for key in acc}
+    onnx_preds: dict[int, list[torch.Tensor]] = {}  # ONNX argmax per T, for the toolchains' rows
     from tqdm import tqdm
 
     batches = [range(i, min(i + opts.batch, count)) for i in range(0, count, opts.batch)]
@@ -556,6 +617,8 @@ def _run_check(opts: CheckOptions) -> CheckReport:
                         )
                     spike_pred = result.scores.argmax(1).cpu()
                     rate_pred = torch.from_numpy(ref[LOGITS_NAME]).argmax(1)
+                    if s is spiking[0]:
+                        onnx_preds.setdefault(t, []).append(rate_pred)
                     a["agree"] += int((spike_pred == rate_pred).sum())
                     a["spike"] += int((spike_pred == y).sum())
                     a["rate"] += int((rate_pred == y).sum())
@@ -602,11 +665,17 @@ def _run_check(opts: CheckOptions) -> CheckReport:
                     seconds[(s.v_init.label, t)],
                 )
             )
+    toolchain_rows = []
+    if opts.toolchains:
+        preds = {t: torch.cat(p) for t, p in onnx_preds.items()}
+        toolchain_rows = _run_toolchains(opts, ckpt, v_inits, steps, sample_for, count, cache, preds)
     artifacts = {
         "folder": str(folder),
         "onnx": {str(h or "none"): str(p) for h, p in onnx_paths.items()},
         "nir": nir_paths,
     }
+    if toolchain_rows:
+        artifacts["toolchains"] = sorted({r.file for r in toolchain_rows if r.file})
     return CheckReport(
         str(checkpoint),
         sha,
@@ -623,7 +692,63 @@ def _run_check(opts: CheckOptions) -> CheckReport:
         time.perf_counter() - start,
         burn_in=opts.burn_in,
         layout=opts.layout,
+        toolchains=toolchain_rows,
     )
+
+
+def _run_toolchains(opts, ckpt, v_inits, steps, sample_for, count: int, cache, onnx_preds) -> list[ToolchainRow]:
+    """Each toolchain's own importer on its file (exported here, one per numeric v_init) at every T,
+    against mpis's spikes of the same dyadic net and the ONNX rate graph's argmax."""
+    from mpis.export import DEFAULT_WEIGHT_BITS
+    from mpis.export.fixed_point import dyadic_copy
+    from mpis.export.toolchains import export_toolchain_nir
+    from mpis.spike.toolchains import missing, parse_toolchains, run_toolchain
+
+    rows: list[ToolchainRow] = []
+    numeric = [v for v in v_inits if v.value is not None]
+    reference, _ = dyadic_copy(ckpt.net, DEFAULT_WEIGHT_BITS)
+    for toolchain in parse_toolchains(opts.toolchains):
+        reason = missing(toolchain)
+        if reason:
+            rows += [ToolchainRow(toolchain.name, v.label, t, reason) for v in numeric for t in steps]
+            continue
+        for v in numeric:
+            name = f"toolchain_{toolchain.name}_v{v.label}.nir"
+            params = {"kind": "toolchain", "target": toolchain.name, "v_init": v.value, "bits": DEFAULT_WEIGHT_BITS}
+            if not cache.fresh(name, params):
+                export_toolchain_nir(
+                    ckpt.net, cache.claim(name), toolchain.name, v.value, ckpt.solver_cfg.T, overwrite=True
+                )
+                cache.record(name, params)
+            path = cache.folder / name
+            reference.v_init = v.value
+            for t in steps:
+                x, _ = sample_for(t, range(count))
+                run = run_toolchain(toolchain, path, x, t, opts.batch)
+                same = total = agree = 0
+                for start in range(0, count, opts.batch):
+                    part = slice(start, start + opts.batch)
+                    record = reference.simulate(x[part], t)
+                    for layer, counts in record.spike_counts.items():
+                        same += int((run.counts[layer][part] == counts).sum())
+                        total += counts.numel()
+                    agree += int((run.logits[part].argmax(1) == reference.classify(record.state_rates).argmax(1)).sum())
+                onnx = float((run.logits.argmax(1) == onnx_preds[t]).float().mean())
+                rows.append(
+                    ToolchainRow(
+                        toolchain.name,
+                        v.label,
+                        t,
+                        "ran",
+                        run.version,
+                        str(path),
+                        same / total,
+                        agree / count,
+                        onnx,
+                        run.seconds,
+                    )
+                )
+    return rows
 
 
 def _reference_quality(net, session, x: torch.Tensor, iterations: int, horizon: int | None, layers) -> dict:
@@ -753,6 +878,7 @@ def cli_check(args) -> int:
         threads=args.threads,
         burn_in=args.burn_in,
         layout=args.layout,
+        toolchains=args.toolchain,
     )
     report = check(opts)
     for line in report.lines():
@@ -771,6 +897,9 @@ def verdict(report: CheckReport) -> str:
             f"FAIL: argmax agreement spike vs ONNX at T = {report.steps[-1]} is {', '.join(failures)}, "
             f"below --min-agreement {report.min_agreement:g}"
         )
+    broken = report.toolchain_failures()
+    if broken:
+        raise MpisError(f"FAIL: identical spike counts {', '.join(broken)}, below {MIN_TOOLCHAIN_IDENTITY:g} of mpis's")
     last = report.steps[-1]
     agreements = ", ".join(f"{report.row(v.label, last).agreement:.4f} (v_init {v.label})" for v in report.v_inits)
     return (
