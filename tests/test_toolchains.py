@@ -1,0 +1,182 @@
+"""The NIR hand-off: files written for a toolchain's own importer (`mpis export --target`) run in that
+importer with mpis's spike counts, bit for bit; `mpis check --toolchain` measures it. Each toolchain's
+tests skip when it is not installed (CI installs them: .ci/run)."""
+
+import contextlib
+import importlib.util
+import io
+import json
+import re
+from pathlib import Path
+
+import nir
+import pytest
+import torch
+from conftest import divided_arch, spiky_net
+
+from mpis.arch.notation import PAPER_EXAMPLES, parse_arch
+from mpis.cli import main
+from mpis.errors import MpisError
+from mpis.export.fixed_point import dyadic_copy
+from mpis.export.toolchains import _check_schedule, _depth_first, build_toolchain_nir
+from mpis.spike.toolchains import parse_toolchains, run_toolchain
+from mpis.train.checkpoint import load_checkpoint
+from mpis.train.data import load_dataset
+
+needs_norse = pytest.mark.skipif(importlib.util.find_spec("norse") is None, reason="norse not installed")
+
+
+def mpis_spikes(export, x: torch.Tensor, steps: int, v_init: float):
+    """mpis's own spiking forward of the net the file was written from (folded, dyadic weights)."""
+    net = export.net
+    net.v_init = v_init
+    return net.simulate(x, steps)
+
+
+def identical_share(run, record) -> float:
+    same = sum(int((run.counts[k] == v).sum()) for k, v in record.spike_counts.items())
+    return same / sum(v.numel() for v in record.spike_counts.values())
+
+
+def through_importer(export, target: str, x: torch.Tensor, steps: int, tmp_path: Path):
+    path = tmp_path / f"{target}.nir"
+    nir.write(path, export.graph)
+    return run_toolchain(parse_toolchains(target)[0], path, x, steps, batch=16)
+
+
+def fuses_inside_the_block(arch: str) -> bool:
+    parsed = parse_arch(arch)
+    return parsed.fusion_layer < len(parsed.feb)
+
+
+# ---- Norse ------------------------------------------------------------------------------------------
+@needs_norse
+@pytest.mark.parametrize("v_init", [0.0, 0.5])
+def test_norse_importer_reproduces_every_spike_count_of_a_trained_net(checkpoint, tmp_path, v_init):
+    net = load_checkpoint(checkpoint).net
+    export = build_toolchain_nir(net, "norse", v_init=v_init)
+    x = load_dataset("digits").test.tensors[0][:32]
+    run = through_importer(export, "norse", x, 20, tmp_path)
+    record = mpis_spikes(export, x, 20, v_init)
+    assert identical_share(run, record) == 1.0
+    assert sum(float(c.sum()) for c in record.spike_counts.values()) > 0
+    assert torch.equal(run.logits.argmax(1), export.net.classify(record.state_rates).argmax(1))
+
+
+@needs_norse
+@pytest.mark.parametrize("arch", [a for a in PAPER_EXAMPLES if fuses_inside_the_block(a)])
+def test_norse_importer_reproduces_every_paper_topology(arch, tmp_path):
+    """Channels ÷ 16, spiky random weights; the N-MNIST net at its own 34×34 (maps 34, 17, 9)."""
+    shape = (2, 34, 34) if PAPER_EXAMPLES[arch][0] == "N-MNIST" else (3, 8, 8)
+    export = build_toolchain_nir(spiky_net(divided_arch(arch), shape), "norse", v_init=0.5)
+    x = torch.round(torch.rand(8, *shape) * 256) / 256  # 8-bit pixels: exact in every sum too
+    run = through_importer(export, "norse", x, 15, tmp_path)
+    record = mpis_spikes(export, x, 15, 0.5)
+    assert identical_share(run, record) == 1.0
+    assert all(float(c.mean()) > 0.01 for c in record.spike_counts.values())  # every layer fires
+
+
+@needs_norse
+def test_norse_importer_plays_event_frames_as_mpis_does(tmp_path):
+    shape = (2, 34, 34)
+    export = build_toolchain_nir(spiky_net(divided_arch("2F1*(32C3S1-32C3S2-64C3S1)-FC10"), shape), "norse", 0.0)
+    frames = (torch.rand(4, 6, *shape) < 0.2).float()
+    run = through_importer(export, "norse", frames, 12, tmp_path)
+    assert identical_share(run, mpis_spikes(export, frames, 12, 0.0)) == 1.0
+
+
+# ---- what every target shares -------------------------------------------------------------------
+def test_ghost_layout_keeps_the_models_kernels_where_polyphase_multiplied_them():
+    export = build_toolchain_nir(spiky_net(divided_arch("2F1*(32C3S1-32C3S2-64C3S1)-FC10"), (2, 34, 34)), "norse", 0.5)
+    assert export.growth < 2.0
+
+
+def test_fusion_after_the_last_layer_is_refused_with_the_reason():
+    arch = divided_arch("120C3S1-120C3S2-2F3*(240C3S1-360C3S1-480C3S2)-FC10")
+    with pytest.raises(MpisError, match="fusion before the last FEB layer"):
+        build_toolchain_nir(spiky_net(arch, (3, 8, 8)), "norse", 0.5)
+
+
+def test_both_importer_orders_are_valid_schedules_and_a_broken_one_is_caught():
+    export = build_toolchain_nir(spiky_net(divided_arch("16C3S1-2F1*(32C3S2-48C3S1)-FC10"), (1, 8, 8)), "norse", 0.5)
+    graph = export.graph
+    order = ["input", *sorted(n for n in graph.nodes if n not in ("input", "output"))]  # what nirtorch 2.6 runs
+    back = {(a, b) for a, b in graph.edges if a >= b and a != "input" and b != "output"}
+    edges = [e for e in graph.edges if "output" not in e]
+    _check_schedule(order, edges, back, "name order")
+    _check_schedule(_depth_first("input", edges), edges, back, "depth-first order")
+    sequencing = [e for e in edges if "seq." in e[1]]
+    with pytest.raises(MpisError, match="wrong step"):  # without the sequencing convs' edges first
+        reordered = [e for e in edges if e not in sequencing] + sequencing
+        _check_schedule(_depth_first("input", reordered), reordered, back, "depth-first order")
+
+
+def test_dyadic_weights_sit_on_their_grid_and_too_many_bits_are_refused():
+    net = spiky_net(divided_arch("16C3S1-2F1*(32C3S2-48C3S1)-FC10"), (1, 8, 8))
+    folded, grids = dyadic_copy(net, 8)
+    for name, op in folded.ops.items():
+        weights = [p for p in op.parameters() if p.dim() > 1]
+        for p in op.parameters():
+            scale = 2.0 ** (8 - 1 - int(torch.floor(torch.log2(max(w.abs().max() for w in weights)))))
+            assert torch.equal(torch.round(p * scale), p * scale), name
+    assert max(g.fraction for g in grids.values()) <= 20
+    with pytest.raises(MpisError, match="lower --weight-bits"):
+        dyadic_copy(net, 16)
+
+
+def test_learned_initial_potentials_need_an_explicit_v_init():
+    net = spiky_net(divided_arch("16C3S1-2F1*(32C3S2-48C3S1)-FC10"), (1, 8, 8), imp=True)
+    with pytest.raises(MpisError, match="--v-init"):
+        build_toolchain_nir(net, "norse")
+
+
+# ---- the CLI ----------------------------------------------------------------------------------------
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mpis: error: "), err
+    return err[0]
+
+
+def test_export_target_writes_a_file_the_reader_type_checks(checkpoint, tmp_path, capsys):
+    path = tmp_path / "norse.nir"
+    assert main(["export", str(checkpoint), "--nir", str(path), "--target", "norse"]) == 0
+    out = capsys.readouterr().out
+    assert "--target norse" in out and "sequencing convs" in out and re.search(r"\(\d\.\d\dx\)", out)
+    graph = nir.read(path)
+    assert graph.metadata["target"] == "norse" and graph.metadata["weight_bits"] == 8
+    assert set(graph.metadata["layers"]) == {n.name for n in load_checkpoint(checkpoint).net.neurons}
+    assert main(["export", str(checkpoint), "--nir", str(path), "--target", "norse"]) == 2
+    assert "already exists" in one_error_line(capsys)
+
+
+def test_export_target_refuses_a_nirtorch_flavour(checkpoint, tmp_path, capsys):
+    args = ["export", str(checkpoint), "--nir", str(tmp_path / "x.nir"), "--target", "norse", "--flavour", "compact"]
+    assert main(args) == 2
+    assert "--flavour compact is for --target nirtorch" in one_error_line(capsys)
+    assert not (tmp_path / "x.nir").exists()
+
+
+def test_check_toolchain_rejects_an_unknown_name_and_a_missing_interpreter(checkpoint, tmp_path, capsys):
+    base = ["check", str(checkpoint), "--T", "3", "--limit", "4", "--quiet", "--report", str(tmp_path / "r")]
+    assert main([*base, "--toolchain", "lava"]) == 2
+    assert "unknown toolchain 'lava'" in one_error_line(capsys)
+    assert main([*base, "--toolchain", f"norse={tmp_path / 'nope' / 'python'}"]) == 2
+    assert "no such interpreter" in one_error_line(capsys)
+
+
+@needs_norse
+def test_check_toolchain_reports_identity_and_agreement_and_names_what_cannot_run(checkpoint, tmp_path):
+    folder = tmp_path / "report"
+    args = ["check", str(checkpoint), "--T", "5", "--v-init", "0.5vth", "--iters", "5", "--limit", "24"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([*args, "--quiet", "--report", str(folder), "--min-agreement", "0", "--toolchain", "norse,spyx"])
+    assert code == 0
+    text = out.getvalue()
+    assert "toolchains (their own NIR importers" in text and "norse 1.1.0" in text
+    report = json.loads((folder / "report.json").read_text())
+    rows = {r["toolchain"]: r for r in report["toolchains"]}
+    assert rows["norse"]["status"] == "ran" and rows["norse"]["identical"] == 1.0
+    assert rows["norse"]["agreement_mpis"] == 1.0 and 0.0 <= rows["norse"]["agreement_onnx"] <= 1.0
+    assert Path(rows["norse"]["file"]).is_file()
+    assert rows["spyx"]["status"].startswith("no mpis export") and rows["spyx"]["identical"] is None
