@@ -23,6 +23,7 @@ from mpis.model.network import MPISNet
 
 MANTISSA_BITS = 24  # float32: multiples of 2^−f below 2^(24 − f) in magnitude are exact
 EXACT_RANGE = 16.0  # in units of Vth: sums and membranes must be exact at least this far from zero
+INPUT_BITS = 8  # inputs are taken to be multiples of 2^-8 (8-bit pixels, event counts): then exact too
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,10 @@ def dyadic_copy(net: MPISNet, bits: int) -> tuple[MPISNet, dict[str, Grid]]:
     limit = EXACT_RANGE * folded.neuron.vth
     with torch.no_grad():
         for node in folded.graph.nodes:
-            if node.kind in ("input", "neuron"):
-                grids[node.name] = Grid(0)  # the image (exact if dyadic, as digits), or spike counts
+            if node.kind == "input":
+                grids[node.name] = Grid(INPUT_BITS)
+            elif node.kind == "neuron":
+                grids[node.name] = Grid(0)  # spikes
             elif node.kind == "sum":
                 grids[node.name] = Grid(max(grids[i].fraction for i in node.inputs))
             elif node.kind in ("conv", "linear"):

@@ -43,7 +43,7 @@ def subtract_reset_if(
     return nodes, edges
 
 
-def read_nir(path: str | Path):
+def read_nir(path: str | Path, type_check: bool = True):
     """`nir.read` with type checking, turning a missing, truncated or foreign file into one clear error."""
     import nir
 
@@ -51,6 +51,6 @@ def read_nir(path: str | Path):
     if not path.is_file():
         raise MpisError(f"NIR file {path} does not exist")
     try:
-        return nir.read(path)
+        return nir.read(path, type_check=type_check)
     except Exception as err:  # h5py and nir raise many types for damaged or foreign files
         raise MpisError(f"{path} is not a readable NIR file ({type(err).__name__}: {str(err)[:120]})") from None

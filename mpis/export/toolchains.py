@@ -36,6 +36,8 @@ from mpis.export.fixed_point import Grid, dyadic_copy
 from mpis.model.layers import NearestUp
 from mpis.model.network import MPISNet
 
+SINABS_MEMORYLESS_TAU = 1e-3  # Sinabs: alpha = exp(−1/tau) = 0 in float32: the LIF forgets every step
+SINABS_INHIBITION = 2.0**30  # drives a ghost's threshold device far below any threshold
 GHOST_THRESHOLD = 1e30  # out of reach: a ghost neuron's membrane grows by at most T·|input|
 NORSE_DT = 0.001  # norse.torch.from_nir's default dt: LIF(tau = dt) is then memoryless
 Shape = tuple[int, ...]
@@ -74,12 +76,26 @@ class Geometry:
 
 
 @dataclass
-class Recipe:
-    """How one target writes a neuron layer: `build(name, shape, threshold, vth)` returns nodes, edges
-    (forward), back edges, the inlet node and the spike node."""
+class NeuronNodes:
+    """One neuron layer as a target writes it: nodes in order, forward and back edges, the integrator
+    that sums the layer's input, the node whose output is its spikes, and (targets without per-pixel
+    thresholds) the node that takes the ghost inhibition."""
 
-    build: Callable[..., tuple[dict, list, list, str, str]]
+    nodes: dict[str, object]
+    edges: list[tuple[str, str]]
+    back: list[tuple[str, str]]
+    inlet: str
+    spikes: str
+    gate: str | None = None
+
+
+@dataclass
+class Recipe:
+    """How one target writes a neuron layer: `build(nir, name, shape, threshold, vth, step)`."""
+
+    build: Callable[..., NeuronNodes]
     about: str
+    type_checked: bool = True  # the target's nir version type-checks the file (False: parameters broadcast)
 
 
 def _diagonal(nir, shape: Shape, value: float, stride: int = 1):
@@ -108,11 +124,58 @@ def _norse_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: floa
         spikes: nir.LIF(tau=NORSE_DT * ones, r=ones, v_leak=0 * ones, v_threshold=threshold, v_reset=0 * ones),
         reset: _diagonal(nir, shape, -vth),
     }
-    return nodes, [(inlet, spikes), (spikes, reset)], [(inlet, inlet), (reset, inlet)], inlet, spikes
+    return NeuronNodes(nodes, [(inlet, spikes), (spikes, reset)], [(inlet, inlet), (reset, inlet)], inlet, spikes)
+
+
+def _sinabs_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: float, step: float):
+    """Sinabs maps LI (tau = inf) to an integrator, but its spiking neurons fire trunc(v/θ) spikes (v ≥ θ),
+    and its LIF and LI take only parameters that are scalars per row or column (`any(v_leak)` on an
+    array). One spike per step from the integrator u: k = MS_θ₁(a) with a memoryless LIF, θ₁ = θ + one
+    membrane step (u > θ ⟺ u ≥ θ₁ on the membrane's grid) and a = u + the ghost inhibition (0 on real
+    pixels, `gate`); then s = k − MS_1(k − 1), exact because k is an integer; reset −Vth·s."""
+    channels = shape[0]
+    one = np.ones(1, dtype=np.float32)
+    level = float(np.min(threshold)) + step  # θ₁ of the real neurons (ghosts are gated instead)
+    inlet, gate, count, shifted, capped, negated = (
+        f"{name}.{part}" for part in ("i", "gate", "count", "shifted", "capped", "neg")
+    )
+    spikes, reset = f"{name}.spikes", f"{name}.reset"
+
+    def memoryless(level: float):
+        return nir.LIF(tau=SINABS_MEMORYLESS_TAU * one, r=one, v_leak=0 * one, v_threshold=level * one, v_reset=0 * one)
+
+    shift = _diagonal(nir, shape, 1.0)
+    shift.bias = np.full(channels, -1.0, dtype=np.float32)
+    nodes = {
+        inlet: nir.LI(tau=np.full(1, np.inf, dtype=np.float32), r=one, v_leak=0 * one),
+        gate: _diagonal(nir, shape, 1.0),
+        count: memoryless(level),
+        shifted: shift,
+        capped: memoryless(1.0),
+        negated: _diagonal(nir, shape, -1.0),
+        spikes: _diagonal(nir, shape, 1.0),
+        reset: _diagonal(nir, shape, -vth),
+    }
+    edges = [
+        (inlet, gate),
+        (gate, count),
+        (count, shifted),
+        (shifted, capped),
+        (capped, negated),
+        (count, spikes),
+        (negated, spikes),
+        (spikes, reset),
+    ]
+    return NeuronNodes(nodes, edges, [(reset, inlet)], inlet, spikes, gate)
 
 
 NEURON_RECIPES = {
     "norse": Recipe(_norse_neuron, "norse.torch.from_nir (Norse 1.1): LIF(tau = dt) threshold on an integrator"),
+    "sinabs": Recipe(
+        _sinabs_neuron,
+        "sinabs.from_nir (Sinabs 3.1, nir <= 1.0.4): LI integrator, two multi-spike LIF for one spike",
+        type_checked=False,
+    ),
 }
 TARGETS = TOOLCHAIN_TARGETS
 assert set(NEURON_RECIPES) == set(TARGETS)
@@ -155,6 +218,7 @@ class _Builder:
     geometry: dict[str, Geometry] = field(default_factory=dict)
     sources: dict[str, list[str]] = field(default_factory=dict)  # model map -> NIR nodes summing to it
     inlets: dict[str, str] = field(default_factory=dict)  # model neuron layer -> its integrator
+    mask_nodes: dict[int, str] = field(default_factory=dict)  # dilation -> its ghost map (see ghost_map)
     spike_nodes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -331,20 +395,74 @@ class _Builder:
         if not np.array_equal(np.round(shifted / step) * step, shifted):
             raise MpisError(f"{node.name}: Vth − v_init = {shifted.flat[0]:g} is not on the membrane's 2^-k grid")
         threshold[:, geo.real()] = shifted.reshape(geo.channels, -1)
-        nodes, edges, back, inlet, spikes = self.recipe.build(
-            self.nir, node.name, geo.shape, threshold, self.net.neuron.vth, step
-        )
-        for name, nir_node in nodes.items():
+        built = self.recipe.build(self.nir, node.name, geo.shape, threshold, self.net.neuron.vth, step)
+        inhibition = self.ghost_inhibition(node.name, geo) if built.gate and geo.dilation > 1 else []
+        for name, nir_node in built.nodes.items():
             self.add(name, nir_node, geo.shape, geo.shape)
         for source in self.sources[node.inputs[0]]:
-            self.connect(source, inlet)
-        for edge in edges:
+            self.connect(source, built.inlet)
+        for source in inhibition:
+            self.connect(source, built.gate)
+        for edge in built.edges:
             self.connect(*edge)
-        for edge in back:
+        for edge in built.back:
             self.connect(*edge, back=True)
-        self.inlets[node.name] = inlet
-        self.sources[node.name] = [spikes]
-        self.spike_nodes[node.name] = spikes
+        self.inlets[node.name] = built.inlet
+        self.sources[node.name] = [built.spikes]
+        self.spike_nodes[node.name] = built.spikes
+
+    def ghost_inhibition(self, name: str, geo: Geometry) -> list[str]:
+        """A conv that is 0 on a layer's real pixels and ≤ −2^30 on its ghosts, for targets whose neurons
+        take one threshold per row or column only (see `ghost_map`)."""
+        weight = np.ones((geo.channels, 1, 1, 1), dtype=np.float32)
+        conv = self.nir.Conv2d(
+            input_shape=(self.grid, self.grid),
+            weight=weight,
+            stride=1,
+            padding=0,
+            dilation=1,
+            groups=1,
+            bias=np.zeros(geo.channels, dtype=np.float32),
+        )
+        ghosts = self.ghost_map(geo.dilation)
+        self.add(f"{name}.ghosts", conv, self.out_shape[ghosts], geo.shape)
+        self.connect(ghosts, f"{name}.ghosts")
+        return [f"{name}.ghosts"]
+
+    def ghost_map(self, dilation: int) -> str:
+        """One plane per dilation, 0 where row and column are multiples of it, else −2^30 or −2^31: two
+        mask populations spike every step on the real rows (thresholds per row) and real columns, and
+        2^30·(rows + columns − 2) is summed in one node, so that a real pixel gets exactly 0."""
+        if dilation in self.mask_nodes:
+            return self.mask_nodes[dilation]
+        nir, grid = self.nir, self.grid
+        previous = self.order[-1]
+        plane = (1, grid, grid)
+        ones = _zero_conv(nir, self.out_shape[previous], plane, torch.ones(1))
+        self.add(f"mask{dilation}.ones", ones, self.out_shape[previous], plane)
+        self.connect(previous, f"mask{dilation}.ones")
+        level = np.where(np.arange(grid) % dilation == 0, 1.0, GHOST_THRESHOLD).astype(np.float32)
+        terms = []
+        for k, (axis, shape) in enumerate((("rows", (grid, 1)), ("cols", (grid,)))):
+            one = np.ones(shape, dtype=np.float32)
+            lif = nir.LIF(
+                tau=SINABS_MEMORYLESS_TAU * one,
+                r=one,
+                v_leak=0 * one,
+                v_threshold=level.reshape(shape),
+                v_reset=0 * one,
+            )
+            mask = self.add(f"mask{dilation}.{axis}", lif, plane, plane)
+            self.connect(f"mask{dilation}.ones", mask)
+            scale = _diagonal(nir, plane, SINABS_INHIBITION)
+            scale.bias = np.full(1, -2 * SINABS_INHIBITION if k == 0 else 0.0, dtype=np.float32)
+            terms.append(self.add(f"mask{dilation}.{axis}.scaled", scale, plane, plane))
+            self.connect(mask, terms[-1])
+        total = self.add(f"mask{dilation}.ghosts", _diagonal(nir, plane, 1.0), plane, plane)
+        for term in terms:
+            self.connect(term, total)
+        self.mask_nodes[dilation] = total
+        return total
 
     def initial_potential(self, name: str, shape: Shape) -> np.ndarray:
         if self.v_init is not None:
@@ -506,7 +624,7 @@ def build_toolchain_nir(
             for layer, node in builder.spike_nodes.items()
         },
     }
-    graph = nir.NIRGraph(nodes=nodes, edges=nir_edges, metadata=metadata)
+    graph = nir.NIRGraph(nodes=nodes, edges=nir_edges, metadata=metadata, type_check=builder.recipe.type_checked)
     params = sum(n.weight.size + n.bias.size for n in nodes.values() if isinstance(n, (nir.Conv2d, nir.Affine)))
     source = sum(p.numel() for name in folded.ops for p in folded.ops[name].parameters())
     spike_nodes = {layer: names[node] for layer, node in builder.spike_nodes.items()}
@@ -585,10 +703,24 @@ def export_toolchain_nir(
 
     def write(tmp: str) -> None:
         nir.write(tmp, result.graph)
-        read_nir(tmp)
+        if target == "sinabs":
+            _without_v_reset(tmp)
+        read_nir(tmp, type_check=NEURON_RECIPES[target].type_checked)
 
     try:
         atomic_write(path, write)
     except PermissionError as err:
         raise MpisError(f"cannot write {path}: {err.strerror}") from None
     return result
+
+
+def _without_v_reset(path: str) -> None:
+    """nir 1.0.8 writes `v_reset` for every LIF; nir <= 1.0.4 (which Sinabs pins) refuses the argument.
+    The recipes reset by their own feedback, so the dataset carries nothing: drop it."""
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        nodes = f["node"]["nodes"]
+        for name in nodes:
+            if "v_reset" in nodes[name]:
+                del nodes[name]["v_reset"]

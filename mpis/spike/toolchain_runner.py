@@ -20,17 +20,28 @@ import numpy as np
 import torch
 
 
-def _norse(graph, batch: int):
+def _norse(graph):
+    """norse.torch.from_nir with its defaults (dt = 0.001: the file's LIF(tau = dt) thresholds)."""
     import norse
     import norse.torch
     from nirtorch.utils import sanitize_name
 
     logging.disable(logging.WARNING)  # "Graph executor is deprecated"
-    model = norse.torch.from_nir(graph)  # dt = 0.001, the file's LIF(tau = dt) thresholds
-    return model, sanitize_name, getattr(norse, "__version__", "?")
+    return lambda batch: norse.torch.from_nir(graph), sanitize_name, getattr(norse, "__version__", "?")
 
 
-IMPORTERS = {"norse": _norse}
+def _sinabs(graph):
+    """sinabs.from_nir, one model per batch size (its layers hold their state and the batch size)."""
+    import warnings
+
+    import sinabs
+    from nirtorch.utils import sanitize_name
+
+    warnings.filterwarnings("ignore")
+    return lambda batch: sinabs.from_nir(graph, batch_size=batch), sanitize_name, sinabs.__version__
+
+
+IMPORTERS = {"norse": _norse, "sinabs": _sinabs}
 
 
 def main(argv: list[str]) -> int:
@@ -43,12 +54,13 @@ def main(argv: list[str]) -> int:
     graph = nir.read(path)
     layers = graph.metadata["layers"]
     x_all = torch.from_numpy(np.load(inputs))
-    model, key, version = IMPORTERS[toolchain](graph, batch)
+    make, key, version = IMPORTERS[toolchain](graph)
     counts = {layer: [] for layer in layers}
     logits = []
     with torch.no_grad():
         for start in range(0, len(x_all), batch):
             x = x_all[start : start + batch]
+            model = make(len(x))  # fresh state for every batch
             frames = x.shape[1] if x.dim() == len(graph.metadata["input_shape"]) + 2 else 0
             state, total, seen = None, 0.0, {}
             for t in range(steps):
