@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -18,12 +19,24 @@ from mpis.arch.notation import PAPER_EXAMPLES, parse_arch
 from mpis.cli import main
 from mpis.errors import MpisError
 from mpis.export.fixed_point import dyadic_copy
-from mpis.export.toolchains import _check_schedule, _depth_first, build_toolchain_nir
+from mpis.export.toolchains import _check_schedule, _depth_first, build_toolchain_nir, export_toolchain_nir
 from mpis.spike.toolchains import parse_toolchains, run_toolchain
 from mpis.train.checkpoint import load_checkpoint
 from mpis.train.data import load_dataset
 
 needs_norse = pytest.mark.skipif(importlib.util.find_spec("norse") is None, reason="norse not installed")
+SINABS_PYTHON = os.environ.get("MPIS_SINABS_PYTHON", "")  # Sinabs' own venv (.ci/install-sinabs)
+TARGETS = [
+    pytest.param("norse", marks=needs_norse),
+    pytest.param(
+        "sinabs",
+        marks=pytest.mark.skipif(not Path(SINABS_PYTHON).is_file(), reason="MPIS_SINABS_PYTHON not set (Sinabs venv)"),
+    ),
+]
+
+
+def toolchain_spec(target: str) -> str:
+    return f"sinabs={SINABS_PYTHON}" if target == "sinabs" else target
 
 
 def mpis_spikes(export, x: torch.Tensor, steps: int, v_init: float):
@@ -38,10 +51,11 @@ def identical_share(run, record) -> float:
     return same / sum(v.numel() for v in record.spike_counts.values())
 
 
-def through_importer(export, target: str, x: torch.Tensor, steps: int, tmp_path: Path):
+def through_importer(net, target: str, v_init: float, x: torch.Tensor, steps: int, tmp_path: Path):
+    """The file as `mpis export --target` writes it, run by the target's own importer: (export, run)."""
     path = tmp_path / f"{target}.nir"
-    nir.write(path, export.graph)
-    return run_toolchain(parse_toolchains(target)[0], path, x, steps, batch=16)
+    export = export_toolchain_nir(net, path, target, v_init)
+    return export, run_toolchain(parse_toolchains(toolchain_spec(target))[0], path, x, steps, batch=16)
 
 
 def fuses_inside_the_block(arch: str) -> bool:
@@ -49,39 +63,37 @@ def fuses_inside_the_block(arch: str) -> bool:
     return parsed.fusion_layer < len(parsed.feb)
 
 
-# ---- Norse ------------------------------------------------------------------------------------------
-@needs_norse
+# ---- each toolchain's own importer -----------------------------------------------------------------
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("v_init", [0.0, 0.5])
-def test_norse_importer_reproduces_every_spike_count_of_a_trained_net(checkpoint, tmp_path, v_init):
+def test_importer_reproduces_every_spike_count_of_a_trained_net(checkpoint, tmp_path, target, v_init):
     net = load_checkpoint(checkpoint).net
-    export = build_toolchain_nir(net, "norse", v_init=v_init)
     x = load_dataset("digits").test.tensors[0][:32]
-    run = through_importer(export, "norse", x, 20, tmp_path)
+    export, run = through_importer(net, target, v_init, x, 20, tmp_path)
     record = mpis_spikes(export, x, 20, v_init)
     assert identical_share(run, record) == 1.0
     assert sum(float(c.sum()) for c in record.spike_counts.values()) > 0
     assert torch.equal(run.logits.argmax(1), export.net.classify(record.state_rates).argmax(1))
 
 
-@needs_norse
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("arch", [a for a in PAPER_EXAMPLES if fuses_inside_the_block(a)])
-def test_norse_importer_reproduces_every_paper_topology(arch, tmp_path):
+def test_importer_reproduces_every_paper_topology(arch, target, tmp_path):
     """Channels ÷ 16, spiky random weights; the N-MNIST net at its own 34×34 (maps 34, 17, 9)."""
     shape = (2, 34, 34) if PAPER_EXAMPLES[arch][0] == "N-MNIST" else (3, 8, 8)
-    export = build_toolchain_nir(spiky_net(divided_arch(arch), shape), "norse", v_init=0.5)
     x = torch.round(torch.rand(8, *shape) * 256) / 256  # 8-bit pixels: exact in every sum too
-    run = through_importer(export, "norse", x, 15, tmp_path)
+    export, run = through_importer(spiky_net(divided_arch(arch), shape), target, 0.5, x, 15, tmp_path)
     record = mpis_spikes(export, x, 15, 0.5)
     assert identical_share(run, record) == 1.0
     assert all(float(c.mean()) > 0.01 for c in record.spike_counts.values())  # every layer fires
 
 
-@needs_norse
-def test_norse_importer_plays_event_frames_as_mpis_does(tmp_path):
+@pytest.mark.parametrize("target", TARGETS)
+def test_importer_plays_event_frames_as_mpis_does(target, tmp_path):
     shape = (2, 34, 34)
-    export = build_toolchain_nir(spiky_net(divided_arch("2F1*(32C3S1-32C3S2-64C3S1)-FC10"), shape), "norse", 0.0)
+    net = spiky_net(divided_arch("2F1*(32C3S1-32C3S2-64C3S1)-FC10"), shape)
     frames = (torch.rand(4, 6, *shape) < 0.2).float()
-    run = through_importer(export, "norse", frames, 12, tmp_path)
+    export, run = through_importer(net, target, 0.0, frames, 12, tmp_path)
     assert identical_share(run, mpis_spikes(export, frames, 12, 0.0)) == 1.0
 
 
@@ -166,6 +178,7 @@ def test_check_toolchain_rejects_an_unknown_name_and_a_missing_interpreter(check
 
 @needs_norse
 def test_check_toolchain_reports_identity_and_agreement_and_names_what_cannot_run(checkpoint, tmp_path):
+    """Norse runs; Spyx has no export (it cannot hold the loop: docs/toolchain-importers.md)."""
     folder = tmp_path / "report"
     args = ["check", str(checkpoint), "--T", "5", "--v-init", "0.5vth", "--iters", "5", "--limit", "24"]
     out = io.StringIO()
