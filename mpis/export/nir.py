@@ -469,6 +469,8 @@ def build_nir(
     initial = net.v_init if v_init is None else v_init
     if params.leak != 1.0 and (initial != 0.0 or (v_init is None and len(net.imp))):
         raise MpisError("an initial membrane potential is a threshold shift only for IF neurons; use --v-init 0")
+    if not polyphase_fits(net):
+        return _ghost_export(net, flavour, v_init, steps, dataset)
     folded = net.folded_copy()
     exporter = _Exporter(folded, flavour, v_init)
     source = sum(p.numel() for name in folded.ops for p in folded.ops[name].parameters())
@@ -501,6 +503,25 @@ def build_nir(
     if max_param_growth is not None:
         _check_growth(result.nir_params, source, max_param_growth)
     return result
+
+
+def polyphase_fits(net: MPISNet) -> bool:
+    """Whether every map of the loop is a whole multiple of the coarsest (34, 17, 9 is not)."""
+    loop = [n.shape[1:] for n in net.loop_nodes]
+    grid = min(loop)
+    return all(h % grid[0] == 0 and w % grid[1] == 0 and h // grid[0] == w // grid[1] for h, w in loop)
+
+
+def _ghost_export(net: MPISNet, flavour: str, v_init: float | None, steps: int | None, dataset: str) -> NirExport:
+    """Odd map sizes: the ghost layout of `export.toolchains` (every map on the finest grid, dilated convs)
+    with the standard I / Threshold / Scale neurons, float weights; the nirtorch and mpis semantics alike."""
+    from mpis.export.toolchains import build_toolchain_nir
+
+    if flavour != "exact":
+        raise MpisError(f"odd map sizes ({net.input_shape[1]}x{net.input_shape[2]} input) need --flavour exact")
+    result = build_toolchain_nir(net, "nirtorch", v_init, steps, weight_bits=None)
+    result.graph.metadata.update({"flavour": "exact", "layout": "ghost", "dataset": dataset, "leak": net.neuron.leak})
+    return NirExport(result.graph, result.nir_params, result.source_params, {})
 
 
 def _check_growth(count: int, source: int, limit: float, qualifier: str = "") -> None:

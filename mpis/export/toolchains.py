@@ -169,7 +169,19 @@ def _sinabs_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: flo
     return NeuronNodes(nodes, edges, [(reset, inlet)], inlet, spikes, gate)
 
 
+def _nirtorch_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: float, step: float):
+    """Standard NIR (docs/nir-mapping.md §2): I integrator, Threshold, Scale(−Vth) reset feedback; what
+    nirtorch 2.6 with mpis's node map and `mpis simulate` run exactly."""
+    from mpis.export.nir_nodes import subtract_reset_if
+
+    nodes, edges = subtract_reset_if(name, shape, vth)
+    nodes[f"{name}.spikes"].threshold = threshold.astype(np.float32)
+    back = [e for e in edges if e[1] == f"{name}.i"]
+    return NeuronNodes(nodes, [e for e in edges if e not in back], back, f"{name}.i", f"{name}.spikes")
+
+
 NEURON_RECIPES = {
+    "nirtorch": Recipe(_nirtorch_neuron, "standard I / Threshold / Scale nodes (nirtorch 2.6, mpis simulate)"),
     "norse": Recipe(_norse_neuron, "norse.torch.from_nir (Norse 1.1): LIF(tau = dt) threshold on an integrator"),
     "sinabs": Recipe(
         _sinabs_neuron,
@@ -178,7 +190,7 @@ NEURON_RECIPES = {
     ),
 }
 TARGETS = TOOLCHAIN_TARGETS
-assert set(NEURON_RECIPES) == set(TARGETS)
+assert set(TARGETS) < set(NEURON_RECIPES)
 
 
 @dataclass
@@ -206,7 +218,7 @@ class _Builder:
     net: MPISNet
     recipe: Recipe
     v_init: float | None
-    grids: dict[str, Grid]
+    grids: dict[str, Grid] | None  # None: float weights
     order: list[str] = field(default_factory=list)
     nodes: dict[str, object] = field(default_factory=dict)
     edges: list[tuple[str, str]] = field(default_factory=list)
@@ -390,9 +402,9 @@ class _Builder:
         geo = self.geometry[node.name]
         threshold = np.full(geo.shape, GHOST_THRESHOLD, dtype=np.float32)
         v0 = self.initial_potential(node.name, node.shape)
-        step = 2.0 ** -self.grids[node.inputs[0]].fraction  # the membrane's resolution
+        step = 2.0 ** -self.grids[node.inputs[0]].fraction if self.grids else 0.0  # the membrane's resolution
         shifted = self.net.neuron.vth - v0
-        if not np.array_equal(np.round(shifted / step) * step, shifted):
+        if step and not np.array_equal(np.round(shifted / step) * step, shifted):
             raise MpisError(f"{node.name}: Vth − v_init = {shifted.flat[0]:g} is not on the membrane's 2^-k grid")
         threshold[:, geo.real()] = shifted.reshape(geo.channels, -1)
         built = self.recipe.build(self.nir, node.name, geo.shape, threshold, self.net.neuron.vth, step)
@@ -582,10 +594,10 @@ def build_toolchain_nir(
     target: str,
     v_init: float | None = None,
     steps: int | None = None,
-    weight_bits: int = DEFAULT_WEIGHT_BITS,
+    weight_bits: int | None = DEFAULT_WEIGHT_BITS,
 ) -> ToolchainExport:
     """The NIR graph of `net` (BN folded, weights dyadic with `weight_bits` significant bits: see
-    `fixed_point`) written for `target`'s importer."""
+    `fixed_point`; None keeps them float) written for `target`'s importer."""
     import nir
 
     if target not in NEURON_RECIPES:
@@ -594,7 +606,7 @@ def build_toolchain_nir(
         raise MpisError("toolchain export writes IF neurons with reset by subtraction (--reset soft, no leak)")
     if v_init is None and len(net.imp):
         raise MpisError("toolchain export writes one initial potential per layer; pass --v-init (learned IMP)")
-    folded, grids = dyadic_copy(net, weight_bits)
+    folded, grids = dyadic_copy(net, weight_bits) if weight_bits is not None else (net.folded_copy(), None)
     builder = _Builder(folded, NEURON_RECIPES[target], v_init, grids)
     with torch.no_grad():
         builder.run()
@@ -612,7 +624,7 @@ def build_toolchain_nir(
         "T": int(steps or 0),
         "input_shape": list(net.input_shape),
         "classes": net.arch.classes,
-        "weight_bits": weight_bits,
+        "weight_bits": weight_bits or 0,  # 0: float weights
         "v_init": float(v_init if v_init is not None else net.v_init),
         "layers": {  # where each neuron layer's spikes are, for a reader that wants the model's layout
             layer: {

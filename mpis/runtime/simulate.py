@@ -666,6 +666,11 @@ def layer_counts(graph, spike_counts: dict[str, Tensor]) -> dict[str, Tensor]:
         factors[layer] = factor
         phases.setdefault(layer, {})[phase] = count
     layers = graph.metadata.get("layers", {})
+    for layer, info in layers.items():  # ghost layout (export.toolchains): one node, pixels at dilation D
+        if isinstance(info, dict) and "dilation" in info and str(info["spikes"]) in spike_counts:
+            step, size = max(int(info["dilation"]), 1), int(info["size"])
+            out.pop(str(info["spikes"]), None)
+            out[layer] = spike_counts[str(info["spikes"])][..., : step * size : step, : step * size : step]
     for layer, parts in phases.items():
         factor = factors[layer]
         if sorted(parts) != [(a, b) for a in range(factor) for b in range(factor)]:
