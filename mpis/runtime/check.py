@@ -802,7 +802,11 @@ def _plot(report: CheckReport, path: Path) -> None:
 
     steps = np.array(report.steps, dtype=float)
     panels = len(report.v_inits)
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), dpi=100, sharey=True, squeeze=False)
+    ran = [r for r in report.toolchains if r.status == "ran"]
+    fig, axes = plt.subplots(1, panels + bool(ran), figsize=(5.2 * (panels + bool(ran)), 4.4), dpi=100, squeeze=False)
+    if ran:
+        _toolchain_panel(axes[0][-1], ran)
+        axes = axes[:, :-1]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     grid = np.geomspace(steps.min(), steps.max(), 50) if len(steps) > 1 else steps
     for ax, v in zip(axes[0], report.v_inits, strict=True):
@@ -841,6 +845,8 @@ def _plot(report: CheckReport, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("mean |spike rate − ONNX rate|")
+    for ax in axes[0][1:]:
+        ax.sharey(axes[0][0])
     fig.suptitle(
         f"{Path(report.checkpoint).name}: {report.dataset}, {report.inputs} inputs, K = {report.iterations}",
         fontsize=10,
@@ -849,6 +855,33 @@ def _plot(report: CheckReport, path: Path) -> None:
     with open(path, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
+
+
+def _toolchain_panel(ax, rows: list[ToolchainRow]) -> None:
+    """Per toolchain and v_init: identical spike counts and argmax agreement with ONNX, against T."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    series = sorted({(r.toolchain, r.v_init) for r in rows})
+    for i, (name, v_init) in enumerate(series):
+        mine = sorted((r for r in rows if (r.toolchain, r.v_init) == (name, v_init)), key=lambda r: r.steps)
+        t = [r.steps for r in mine]
+        colour = colours[i % len(colours)]
+        ax.plot(t, [r.identical for r in mine], "o-", color=colour, label=f"{name}, v_init {v_init}: identical counts")
+        ax.plot(
+            t, [r.agreement_onnx for r in mine], "s--", color=colour, label=f"{name}, v_init {v_init}: argmax = ONNX"
+        )
+    all_t = sorted({r.steps for r in rows})
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(all_t))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(t) for t in all_t])
+    ax.set_ylim(min(0.9, min(min(r.identical, r.agreement_onnx) for r in rows) - 0.01), 1.005)
+    ax.set_xlabel("T (time steps)")
+    ax.set_title("toolchains' own importers (mpis export --target)", fontsize=10)
+    ax.set_ylabel("share (spike counts / test inputs)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def check(opts: CheckOptions) -> CheckReport:
