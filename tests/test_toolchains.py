@@ -193,3 +193,11 @@ def test_check_toolchain_reports_identity_and_agreement_and_names_what_cannot_ru
     assert rows["norse"]["agreement_mpis"] == 1.0 and 0.0 <= rows["norse"]["agreement_onnx"] <= 1.0
     assert Path(rows["norse"]["file"]).is_file()
     assert rows["spyx"]["status"].startswith("no mpis export") and rows["spyx"]["identical"] is None
+
+
+@pytest.mark.parametrize("target", ["norse", "sinabs"])
+def test_mpis_simulate_refuses_a_file_written_for_another_importer(target, tmp_path, capsys):
+    path = tmp_path / f"{target}.nir"
+    export_toolchain_nir(spiky_net(divided_arch("16C3S1-2F1*(32C3S2-48C3S1)-FC10"), (1, 8, 8)), path, target, 0.5)
+    assert main(["simulate", str(path), "--T", "3", "--limit", "4", "--quiet"]) == 2
+    assert f"mpis check CHECKPOINT --toolchain {target}" in one_error_line(capsys)

@@ -53,4 +53,11 @@ def read_nir(path: str | Path, type_check: bool = True):
     try:
         return nir.read(path, type_check=type_check)
     except Exception as err:  # h5py and nir raise many types for damaged or foreign files
-        raise MpisError(f"{path} is not a readable NIR file ({type(err).__name__}: {str(err)[:120]})") from None
+        problem = err
+    try:  # a file for Sinabs' nir 1.0.4 broadcasts neuron parameters, which nir 1.0.8's types refuse
+        graph = nir.read(path, type_check=False)
+        if graph.metadata.get("target") == "sinabs":
+            return graph
+    except Exception:  # the first error is the one to report
+        pass
+    raise MpisError(f"{path} is not a readable NIR file ({type(problem).__name__}: {str(problem)[:120]})") from None

@@ -558,6 +558,12 @@ def compile_graph(
         from mpis.export.nir_nodes import read_nir
 
         graph = read_nir(graph)
+    target = getattr(graph, "metadata", {}).get("target", "nirtorch")
+    if target != "nirtorch":
+        raise MpisError(
+            f"this file is written for {target}'s own importer (mpis export --target {target}), whose neurons read "
+            f"differently; run it there: mpis check CHECKPOINT --toolchain {target}"
+        )
     if reset is not None and reset not in RESETS:
         raise MpisError(f"unknown reset {reset!r}; choose one of {', '.join(RESETS)}")
     if layout not in LAYOUTS:
