@@ -8,7 +8,8 @@ ways, each exact for mpis's spikes:
   size n at dilation D holds its pixel i at D·i, and the other positions are ghosts. A strided conv is
   then a dilated stride-1 conv, and an up-sampling (transposed conv, nearest) is a stride-1 conv on the
   zero-inserted map that the ghosts of a spike map are, as long as ghost neurons never fire (their
-  threshold is out of reach). Kernels stay the model's own: no polyphase blocks, odd sizes allowed.
+  threshold is out of reach, or, for targets with one threshold per row or column, an inhibition that
+  is exactly 0 on real pixels). Kernels stay the model's own: no polyphase blocks, odd sizes allowed.
 - **A schedule every importer walks alike.** Nodes are named by execution index (nirtorch 2.6 and mpis
   run them in name order); for depth-first importers each node's first edge leads to the next node of
   the schedule, through an all-zero "sequencing" conv where the network has no edge of its own.
@@ -17,7 +18,8 @@ ways, each exact for mpis's spikes:
   so thresholds stay the model's own.
 
 Neurons are written per target as the pattern that target's importer turns into a non-leaky
-integrate-and-fire neuron with reset by subtraction (`NEURON_RECIPES`).
+integrate-and-fire neuron with reset by subtraction (`NEURON_RECIPES`), and weights are dyadic
+(`fixed_point`), so that every importer's sums are exact whatever their order.
 """
 
 from __future__ import annotations
@@ -226,7 +228,6 @@ class _Builder:
     out_shape: dict[str, Shape] = field(default_factory=dict)
     in_shape: dict[str, Shape] = field(default_factory=dict)
     late: set[str] = field(default_factory=set)
-    head: list[str] = field(default_factory=list)
     geometry: dict[str, Geometry] = field(default_factory=dict)
     sources: dict[str, list[str]] = field(default_factory=dict)  # model map -> NIR nodes summing to it
     inlets: dict[str, str] = field(default_factory=dict)  # model neuron layer -> its integrator
@@ -496,7 +497,6 @@ class _Builder:
             select = _diagonal(nir, geo.shape, 1.0, stride=geo.dilation)
             current = self.add("head.select", select, geo.shape, features)
             self.connect(self.sources[state][0], current)
-            self.head.append(current)
         flat = nir.Flatten(input_type={"input": np.array(features)}, start_dim=-3, end_dim=-1)
         self.add("head.flatten", flat, features, (int(np.prod(features)),))
         self.connect(current, "head.flatten")
@@ -504,7 +504,6 @@ class _Builder:
         affine = nir.Affine(weight=_np(fc.weight), bias=_np(fc.bias))
         self.add("head.affine", affine, (fc.in_features,), (fc.out_features,))
         self.connect("head.flatten", "head.affine")
-        self.head += ["head.flatten", "head.affine"]
 
     def run(self) -> None:
         self.place_maps()
@@ -670,7 +669,7 @@ def _weight_bias(op: nn.Module, channels: int) -> tuple[Tensor, Tensor]:
     return op.weight.detach(), bias
 
 
-def _zero_conv(nir, in_shape: Shape, out_shape: Shape | None, bias: Tensor | None = None):
+def _zero_conv(nir, in_shape: Shape, out_shape: Shape, bias: Tensor | None = None):
     """An all-zero 1×1 conv from `in_shape` to `out_shape`, adding `bias`."""
     c_in, c_out = in_shape[0], out_shape[0]
     size_in, size_out = in_shape[-1], out_shape[-1]
