@@ -216,7 +216,13 @@ def _export_toolchain_nir(ckpt, args: argparse.Namespace) -> None:
         f"wrote {args.nir} (--target {args.target}: {NEURON_RECIPES[args.target].about}): "
         f"{len(result.graph.nodes)} nodes, {len(result.graph.edges)} edges, {result.sequencing} sequencing convs; "
         f"parameters {result.nir_params:,} vs the model's {result.source_params:,} ({result.growth:.2f}x); "
-        f"weights dyadic, {args.weight_bits} significant bits per layer (mpis check --toolchain compares the spikes)"
+        f"weights dyadic, {args.weight_bits} significant bits per layer"
+        + (
+            f" ({result.fewest_bits} where an op reads another's output)"
+            if result.fewest_bits < args.weight_bits
+            else ""
+        )
+        + " (mpis check --toolchain compares the spikes)"
     )
 
 

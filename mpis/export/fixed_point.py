@@ -6,8 +6,9 @@ loop (digits net, T = 100: 0.6 % of spike counts differ between Norse and mpis w
 With every weight and bias a multiple of 2^−e (e per op: `bits` significant bits for its largest
 weight, as fixed-point neuromorphic hardware stores them), spikes are integers and a map read through
 two ops is a multiple of 2^−(e1 + e2): every sum below 2^(24 − e1 − e2) is exact in float32, whatever
-the order. Export refuses a net whose maps' resolution leaves less than ±16·Vth exact (the range where
-spike decisions are made); beyond it a sum may round, which `mpis check --toolchain` would show.
+the order. An op that reads another op's output gets fewer bits where needed so that ±16·Vth stays exact
+(the range where spike decisions are made); beyond it a sum may round, which `mpis check --toolchain`
+would show.
 """
 
 from __future__ import annotations
@@ -45,14 +46,17 @@ def _exponent(op: nn.Module, bits: int) -> int | None:
     return bits - 1 - math.floor(math.log2(largest)) if largest > 0 else 0
 
 
-def dyadic_copy(net: MPISNet, bits: int) -> tuple[MPISNet, dict[str, Grid]]:
-    """A folded copy of `net` with dyadic weights and the grid of every map; refuses (naming the map)
-    where float32 could not hold ±16·Vth exactly, which a lower `bits` then fixes."""
+def dyadic_copy(net: MPISNet, bits: int) -> tuple[MPISNet, dict[str, Grid], int]:
+    """A folded copy of `net` with dyadic weights and the grid of every map. Each op keeps `bits`
+    significant bits, fewer where it reads another op's output and the product grid would leave less
+    than ±16·Vth exact in float32 (small weights need many fractional bits); the fewest kept is returned."""
     if not 2 <= bits <= 16:
         raise MpisError(f"--weight-bits must be between 2 and 16, got {bits}")
     folded = net.folded_copy()
     grids: dict[str, Grid] = {}
-    limit = EXACT_RANGE * folded.neuron.vth
+    # the finest grid on which ±16·Vth is still exact in float32
+    budget = MANTISSA_BITS - math.ceil(math.log2(EXACT_RANGE * folded.neuron.vth))
+    fewest = bits
     with torch.no_grad():
         for node in folded.graph.nodes:
             if node.kind == "input":
@@ -66,18 +70,21 @@ def dyadic_copy(net: MPISNet, bits: int) -> tuple[MPISNet, dict[str, Grid]]:
                 fraction = max((grids[s].fraction for s in node.inputs if s in grids), default=0)
                 for op in _chain(folded.ops[node.name]):
                     e = _exponent(op, bits)
-                    if e is not None:
-                        for p in op.parameters():
-                            p.copy_(torch.round(p * 2.0**e) / 2.0**e)
-                        fraction += e
-                if limit > 2.0 ** (MANTISSA_BITS - fraction):
-                    raise MpisError(
-                        f"{node.name}: sums on a 2^-{fraction} grid are exact only below "
-                        f"{2.0 ** (MANTISSA_BITS - fraction):g}, less than {EXACT_RANGE:g}·Vth; lower --weight-bits"
-                    )
+                    if e is None:
+                        continue
+                    e = min(e, budget - fraction)  # fewer bits where a chain of ops would not fit
+                    if e < _exponent(op, 2):
+                        raise MpisError(
+                            f"{node.name}: fewer than 2 significant bits are left for its weights on a 2^-{budget} "
+                            f"grid (exact to ±{EXACT_RANGE:g}·Vth); the net's weights are too small for exact sums"
+                        )
+                    fewest = min(fewest, e - _exponent(op, bits) + bits)
+                    for p in op.parameters():
+                        p.copy_(torch.round(p * 2.0**e) / 2.0**e)
+                    fraction += e
                 grids[node.name] = Grid(fraction)
         head = folded.ops["head"].fc
         e = _exponent(head, bits)
         for p in head.parameters():
             p.copy_(torch.round(p * 2.0**e) / 2.0**e)
-    return folded, grids
+    return folded, grids, fewest

@@ -207,6 +207,7 @@ class ToolchainExport:
     nir_params: int
     source_params: int
     net: MPISNet  # the folded, dyadic net the file was written from: its spikes are the reference
+    fewest_bits: int = 0  # the fewest significant bits an op kept (0: float weights)
 
     @property
     def growth(self) -> float:
@@ -605,7 +606,7 @@ def build_toolchain_nir(
         raise MpisError("toolchain export writes IF neurons with reset by subtraction (--reset soft, no leak)")
     if v_init is None and len(net.imp):
         raise MpisError("toolchain export writes one initial potential per layer; pass --v-init (learned IMP)")
-    folded, grids = dyadic_copy(net, weight_bits) if weight_bits is not None else (net.folded_copy(), None)
+    folded, grids, fewest = dyadic_copy(net, weight_bits) if weight_bits is not None else (net.folded_copy(), None, 0)
     builder = _Builder(folded, NEURON_RECIPES[target], v_init, grids)
     with torch.no_grad():
         builder.run()
@@ -624,6 +625,7 @@ def build_toolchain_nir(
         "input_shape": list(net.input_shape),
         "classes": net.arch.classes,
         "weight_bits": weight_bits or 0,  # 0: float weights
+        "fewest_weight_bits": fewest,
         "v_init": float(v_init if v_init is not None else net.v_init),
         "layers": {  # where each neuron layer's spikes are, for a reader that wants the model's layout
             layer: {
@@ -640,7 +642,7 @@ def build_toolchain_nir(
     source = sum(p.numel() for name in folded.ops for p in folded.ops[name].parameters())
     spike_nodes = {layer: names[node] for layer, node in builder.spike_nodes.items()}
     geometries = {layer: builder.geometry[layer] for layer in builder.spike_nodes}
-    return ToolchainExport(graph, target, spike_nodes, geometries, sequencing, params, source, folded)
+    return ToolchainExport(graph, target, spike_nodes, geometries, sequencing, params, source, folded, fewest)
 
 
 def _chain(module: nn.Module) -> list[nn.Module]:

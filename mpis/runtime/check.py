@@ -706,7 +706,7 @@ def _run_toolchains(opts, ckpt, v_inits, steps, sample_for, count: int, cache, o
 
     rows: list[ToolchainRow] = []
     numeric = [v for v in v_inits if v.value is not None]
-    reference, _ = dyadic_copy(ckpt.net, DEFAULT_WEIGHT_BITS)
+    reference = dyadic_copy(ckpt.net, DEFAULT_WEIGHT_BITS)[0]
     for toolchain in parse_toolchains(opts.toolchains):
         reason = missing(toolchain)
         if reason:
