@@ -568,6 +568,10 @@ def compile_graph(
         raise MpisError(f"unknown reset {reset!r}; choose one of {', '.join(RESETS)}")
     if layout not in LAYOUTS:
         raise MpisError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "native" and getattr(graph, "metadata", {}).get("layout") == "ghost":
+        raise MpisError(
+            "this file is in the ghost layout (odd map sizes: its convs are the model's own); use --layout graph"
+        )
     device = _device(device)
     like = torch.empty(0, device=device, dtype=dtype)
     unsupported = sorted({type(n).__name__ for n in graph.nodes.values()} - set(SUPPORTED))
