@@ -301,7 +301,6 @@ class _Builder:
         weight, bias_values = _weight_bias(op, geo_in.channels)
         if not bias:
             bias_values = torch.zeros_like(bias_values)
-        groups = 1
         if not geo_out.dilation:
             stride, padding, dilation = op.stride[0], op.padding[0], 1
         else:
@@ -326,7 +325,7 @@ class _Builder:
             stride=stride,
             padding=padding,
             dilation=dilation,
-            groups=groups,
+            groups=1,
             bias=_np(bias_values),
         )
         self.add(name, node, geo_in.shape, geo_out.shape, late)
