@@ -173,6 +173,7 @@ def test_check_toolchain_rejects_an_unknown_name_and_a_missing_interpreter(check
     base = ["check", str(checkpoint), "--T", "3", "--limit", "4", "--quiet", "--report", str(tmp_path / "r")]
     assert main([*base, "--toolchain", "lava"]) == 2
     assert "unknown toolchain 'lava'" in one_error_line(capsys)
+    assert not (tmp_path / "r").exists()  # refused before anything was exported or simulated
     assert main([*base, "--toolchain", f"norse={tmp_path / 'nope' / 'python'}"]) == 2
     assert "no such interpreter" in one_error_line(capsys)
 
@@ -184,7 +185,8 @@ def test_check_toolchain_reports_identity_and_agreement_and_names_what_cannot_ru
     args = ["check", str(checkpoint), "--T", "5", "--v-init", "0.5vth", "--iters", "5", "--limit", "24"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main([*args, "--quiet", "--report", str(folder), "--min-agreement", "0", "--toolchain", "norse,spyx"])
+        spec = "norse,spyx" + (f",sinabs={SINABS_PYTHON}" if Path(SINABS_PYTHON).is_file() else "")
+        code = main([*args, "--quiet", "--report", str(folder), "--min-agreement", "0", "--toolchain", spec])
     assert code == 0
     text = out.getvalue()
     assert "toolchains (their own NIR importers" in text and "norse 1.1.0" in text
@@ -194,6 +196,8 @@ def test_check_toolchain_reports_identity_and_agreement_and_names_what_cannot_ru
     assert rows["norse"]["agreement_mpis"] == 1.0 and 0.0 <= rows["norse"]["agreement_onnx"] <= 1.0
     assert Path(rows["norse"]["file"]).is_file()
     assert rows["spyx"]["status"].startswith("no mpis export") and rows["spyx"]["identical"] is None
+    if "sinabs" in rows:  # two importers compared with one mpis run
+        assert rows["sinabs"]["identical"] == 1.0 and rows["sinabs"]["agreement_mpis"] == 1.0
 
 
 @pytest.mark.parametrize("target", ["norse", "sinabs"])

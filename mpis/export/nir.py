@@ -544,24 +544,9 @@ def export_nir(
     max_param_growth: float = DEFAULT_MAX_PARAM_GROWTH,
 ) -> NirExport:
     """Build, refuse above `max_param_growth`, write atomically and read back with type checking."""
-    import nir
+    from mpis.export.nir_nodes import writable_nir_path, write_nir
 
-    from mpis.export.nir_nodes import read_nir
-    from mpis.train.checkpoint import atomic_write
-
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise MpisError(f"folder {path.parent} does not exist")
-    if path.exists() and not overwrite:
-        raise MpisError(f"{path} already exists; choose another path or pass --overwrite")
+    path = writable_nir_path(path, overwrite)
     result = build_nir(net, flavour, v_init, steps, dataset, max_param_growth)
-
-    def write(tmp: str) -> None:
-        nir.write(tmp, result.graph)
-        read_nir(tmp)  # the file must type-check on the reading side before it replaces anything
-
-    try:
-        atomic_write(path, write)
-    except PermissionError as err:
-        raise MpisError(f"cannot write {path}: {err.strerror}") from None
+    write_nir(path, result.graph)
     return result

@@ -61,3 +61,32 @@ def read_nir(path: str | Path, type_check: bool = True):
     except Exception:  # the first error is the one to report
         pass
     raise MpisError(f"{path} is not a readable NIR file ({type(problem).__name__}: {str(problem)[:120]})") from None
+
+
+def writable_nir_path(path: str | Path, overwrite: bool) -> Path:
+    """`path` checked before any work: its folder exists, and an existing file is kept unless `overwrite`."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise MpisError(f"folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise MpisError(f"{path} already exists; choose another path or pass --overwrite")
+    return path
+
+
+def write_nir(path: Path, graph, type_check: bool = True, finish=None) -> None:
+    """Write atomically; `finish(tmp)` edits the file first, and it must read back (with type checking
+    unless the target's nir does none) before it replaces anything."""
+    import nir
+
+    from mpis.train.checkpoint import atomic_write
+
+    def write(tmp: str) -> None:
+        nir.write(tmp, graph)
+        if finish is not None:
+            finish(tmp)
+        read_nir(tmp, type_check=type_check)
+
+    try:
+        atomic_write(path, write)
+    except PermissionError as err:
+        raise MpisError(f"cannot write {path}: {err.strerror}") from None

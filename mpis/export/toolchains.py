@@ -701,28 +701,12 @@ def export_toolchain_nir(
     overwrite: bool = False,
 ) -> ToolchainExport:
     """Build for `target`, write atomically and read back with the reader's type checking."""
-    import nir
+    from mpis.export.nir_nodes import writable_nir_path, write_nir
 
-    from mpis.export.nir_nodes import read_nir
-    from mpis.train.checkpoint import atomic_write
-
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise MpisError(f"folder {path.parent} does not exist")
-    if path.exists() and not overwrite:
-        raise MpisError(f"{path} already exists; choose another path or pass --overwrite")
+    path = writable_nir_path(path, overwrite)
     result = build_toolchain_nir(net, target, v_init, steps, weight_bits)
-
-    def write(tmp: str) -> None:
-        nir.write(tmp, result.graph)
-        if target == "sinabs":
-            _without_v_reset(tmp)
-        read_nir(tmp, type_check=NEURON_RECIPES[target].type_checked)
-
-    try:
-        atomic_write(path, write)
-    except PermissionError as err:
-        raise MpisError(f"cannot write {path}: {err.strerror}") from None
+    finish = _without_v_reset if target == "sinabs" else None
+    write_nir(path, result.graph, NEURON_RECIPES[target].type_checked, finish)
     return result
 
 

@@ -469,6 +469,11 @@ def _run_check(opts: CheckOptions) -> CheckReport:
         raise MpisError(f"--burn-in must be >= 0, got {opts.burn_in}")
     if not (math.isfinite(opts.min_agreement) and opts.min_agreement >= 0):
         raise MpisError(f"--min-agreement must be a fraction >= 0 (e.g. 0.99), got {opts.min_agreement:g}")
+    toolchains = ()
+    if opts.toolchains is not None:  # refused before minutes of simulation, not after
+        from mpis.spike.toolchains import parse_toolchains
+
+        toolchains = parse_toolchains(opts.toolchains)
     if opts.nir_files and opts.v_inits is not None:
         raise MpisError("pass either --v-init (exported here) or --nir files (their own v_init), not both")
     steps = tuple(sorted(set(opts.steps)))
@@ -666,9 +671,9 @@ def _run_check(opts: CheckOptions) -> CheckReport:
                 )
             )
     toolchain_rows = []
-    if opts.toolchains:
+    if toolchains:
         preds = {t: torch.cat(p) for t, p in onnx_preds.items()}
-        toolchain_rows = _run_toolchains(opts, ckpt, v_inits, steps, sample_for, count, cache, preds)
+        toolchain_rows = _run_toolchains(toolchains, ckpt, v_inits, steps, sample_for, count, opts.batch, cache, preds)
     artifacts = {
         "folder": str(folder),
         "onnx": {str(h or "none"): str(p) for h, p in onnx_paths.items()},
@@ -696,23 +701,27 @@ def _run_check(opts: CheckOptions) -> CheckReport:
     )
 
 
-def _run_toolchains(opts, ckpt, v_inits, steps, sample_for, count: int, cache, onnx_preds) -> list[ToolchainRow]:
+def _run_toolchains(toolchains, ckpt, v_inits, steps, sample_for, count: int, batch: int, cache, onnx_preds):
     """Each toolchain's own importer on its file (exported here, one per numeric v_init) at every T,
-    against mpis's spikes of the same dyadic net and the ONNX rate graph's argmax."""
+    against mpis's spikes of the same dyadic net (simulated once for all toolchains) and ONNX's argmax."""
     from mpis.export import DEFAULT_WEIGHT_BITS
     from mpis.export.fixed_point import dyadic_copy
     from mpis.export.toolchains import export_toolchain_nir
-    from mpis.spike.toolchains import missing, parse_toolchains, run_toolchain
+    from mpis.spike.toolchains import missing, run_toolchain
 
     rows: list[ToolchainRow] = []
     numeric = [v for v in v_inits if v.value is not None]
     reference = dyadic_copy(ckpt.net, DEFAULT_WEIGHT_BITS)[0]
-    for toolchain in parse_toolchains(opts.toolchains):
+    ready = []
+    for toolchain in toolchains:
         reason = missing(toolchain)
         if reason:
             rows += [ToolchainRow(toolchain.name, v.label, t, reason) for v in numeric for t in steps]
-            continue
-        for v in numeric:
+        else:
+            ready.append(toolchain)
+    for v in numeric:
+        paths = {}
+        for toolchain in ready:
             name = f"toolchain_{toolchain.name}_v{v.label}.nir"
             params = {"kind": "toolchain", "target": toolchain.name, "v_init": v.value, "bits": DEFAULT_WEIGHT_BITS}
             if not cache.fresh(name, params):
@@ -720,34 +729,28 @@ def _run_toolchains(opts, ckpt, v_inits, steps, sample_for, count: int, cache, o
                     ckpt.net, cache.claim(name), toolchain.name, v.value, ckpt.solver_cfg.T, overwrite=True
                 )
                 cache.record(name, params)
-            path = cache.folder / name
-            reference.v_init = v.value
-            for t in steps:
-                x, _ = sample_for(t, range(count))
-                run = run_toolchain(toolchain, path, x, t, opts.batch)
-                same = total = agree = 0
-                for start in range(0, count, opts.batch):
-                    part = slice(start, start + opts.batch)
-                    record = reference.simulate(x[part], t)
-                    for layer, counts in record.spike_counts.items():
-                        same += int((run.counts[layer][part] == counts).sum())
-                        total += counts.numel()
-                    agree += int((run.logits[part].argmax(1) == reference.classify(record.state_rates).argmax(1)).sum())
-                onnx = float((run.logits.argmax(1) == onnx_preds[t]).float().mean())
-                rows.append(
-                    ToolchainRow(
-                        toolchain.name,
-                        v.label,
-                        t,
-                        "ran",
-                        run.version,
-                        str(path),
-                        same / total,
-                        agree / count,
-                        onnx,
-                        run.seconds,
+            paths[toolchain] = cache.folder / name
+        reference.v_init = v.value
+        for t in steps:
+            x, _ = sample_for(t, range(count))
+            runs = {toolchain: run_toolchain(toolchain, paths[toolchain], x, t, batch) for toolchain in ready}
+            same, agree, total = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0), 0
+            for start in range(0, count, batch):
+                part = slice(start, start + batch)
+                record = reference.simulate(x[part], t)
+                mpis_pred = reference.classify(record.state_rates).argmax(1)
+                total += sum(c.numel() for c in record.spike_counts.values())
+                for toolchain, run in runs.items():
+                    same[toolchain] += sum(
+                        int((run.counts[k][part] == c).sum()) for k, c in record.spike_counts.items()
                     )
-                )
+                    agree[toolchain] += int((run.logits[part].argmax(1) == mpis_pred).sum())
+            for toolchain, run in runs.items():
+                onnx = float((run.logits.argmax(1) == onnx_preds[t]).float().mean())
+                identical, agreement = same[toolchain] / total, agree[toolchain] / count
+                row = ToolchainRow(toolchain.name, v.label, t, "ran", run.version, str(paths[toolchain]), identical)
+                row.agreement_mpis, row.agreement_onnx, row.seconds = agreement, onnx, run.seconds
+                rows.append(row)
     return rows
 
 
