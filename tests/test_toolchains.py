@@ -26,6 +26,7 @@ from mpis.train.checkpoint import load_checkpoint
 from mpis.train.data import load_dataset
 
 needs_norse = pytest.mark.skipif(importlib.util.find_spec("norse") is None, reason="norse not installed")
+needs_snntorch = pytest.mark.skipif(importlib.util.find_spec("snntorch") is None, reason="snntorch not installed")
 SINABS_PYTHON = os.environ.get("MPIS_SINABS_PYTHON", "")  # Sinabs' own venv (.ci/install-sinabs)
 TARGETS = [
     pytest.param("norse", marks=needs_norse),
@@ -33,6 +34,7 @@ TARGETS = [
         "sinabs",
         marks=pytest.mark.skipif(not Path(SINABS_PYTHON).is_file(), reason="MPIS_SINABS_PYTHON not set (Sinabs venv)"),
     ),
+    pytest.param("snntorch", marks=needs_snntorch),
 ]
 
 

@@ -5,7 +5,7 @@ graph to NIR."""
 DEFAULT_MAX_PARAM_GROWTH = 16.0
 
 # Toolchains whose own NIR importer `mpis export --target` writes for (mpis.export.toolchains).
-TOOLCHAIN_TARGETS = ("norse", "sinabs")
+TOOLCHAIN_TARGETS = ("norse", "sinabs", "snntorch")
 # Significant bits of each layer's weights in a toolchain file (mpis.export.fixed_point): the digits net's
 # spikes are then Norse's bit for bit; at 10 bits, sums through two ops no longer fit float32 exactly.
 DEFAULT_WEIGHT_BITS = 8

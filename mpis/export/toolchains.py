@@ -8,8 +8,8 @@ ways, each exact for mpis's spikes:
   size n at dilation D holds its pixel i at D·i, and the other positions are ghosts. A strided conv is
   then a dilated stride-1 conv, and an up-sampling (transposed conv, nearest) is a stride-1 conv on the
   zero-inserted map that the ghosts of a spike map are, as long as ghost neurons never fire (their
-  threshold is out of reach, or, for targets with one threshold per row or column, an inhibition that
-  is exactly 0 on real pixels). Kernels stay the model's own: no polyphase blocks, odd sizes allowed.
+  threshold is out of reach, or, for targets with one threshold per node, an inhibition that is exactly
+  0 on real pixels). Kernels stay the model's own: no polyphase blocks, odd sizes allowed.
 - **A schedule every importer walks alike.** Nodes are named by execution index (nirtorch 2.6 and mpis
   run them in name order); for depth-first importers each node's first edge leads to the next node of
   the schedule, through an all-zero "sequencing" conv where the network has no edge of its own.
@@ -39,9 +39,11 @@ from mpis.model.layers import NearestUp
 from mpis.model.network import MPISNet
 
 SINABS_MEMORYLESS_TAU = 1e-3  # Sinabs: alpha = exp(−1/tau) = 0 in float32: the LIF forgets every step
-SINABS_INHIBITION = 2.0**30  # drives a ghost's threshold device far below any threshold
+GHOST_INHIBITION = 2.0**30  # per step on a ghost's input: no real input brings it back to a threshold
 GHOST_THRESHOLD = 1e30  # out of reach: a ghost neuron's membrane grows by at most T·|input|
 NORSE_DT = 0.001  # norse.torch.from_nir's default dt: LIF(tau = dt) is then memoryless
+SNNTORCH_DT = 1e-4  # snntorch.import_nir's fixed dt
+SNNTORCH_TAU_SYN = 1e20  # snnTorch: alpha = 1 − dt/tau_syn = 1.0 in float: the synaptic current integrates
 Shape = tuple[int, ...]
 
 
@@ -171,6 +173,27 @@ def _sinabs_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: flo
     return NeuronNodes(nodes, edges, [(reset, inlet)], inlet, spikes, gate)
 
 
+def _snntorch_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: float, step: float):
+    """snnTorch maps IF to Leaky(beta = 0.9) and takes one threshold per node. CubaLIF with tau_syn → ∞
+    (alpha = 1: the synaptic current is the integrator), tau_mem = dt (beta = 0: the membrane is that
+    current) and w_in = tau_syn / dt (input scale 1) becomes `snn.Synaptic`, which fires while the
+    integral is > θ; the reset is a −Vth conv back into it. Ghosts are inhibited (`gate`)."""
+    ones = np.ones(shape, dtype=np.float32)
+    spikes, reset = f"{name}.spikes", f"{name}.reset"
+    nodes = {
+        spikes: nir.CubaLIF(
+            tau_syn=SNNTORCH_TAU_SYN * ones,
+            tau_mem=SNNTORCH_DT * ones,
+            r=ones,
+            v_leak=0 * ones,
+            v_threshold=float(np.min(threshold)) * ones,  # the real neurons' θ (ghosts are gated instead)
+            w_in=(SNNTORCH_TAU_SYN / SNNTORCH_DT) * ones,
+        ),
+        reset: _diagonal(nir, shape, -vth),
+    }
+    return NeuronNodes(nodes, [(spikes, reset)], [(reset, spikes)], spikes, spikes, gate=spikes)
+
+
 def _nirtorch_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: float, step: float):
     """Standard NIR (docs/nir-mapping.md §2): I integrator, Threshold, Scale(−Vth) reset feedback; what
     nirtorch 2.6 with mpis's node map and `mpis simulate` run exactly."""
@@ -190,6 +213,7 @@ NEURON_RECIPES = {
         "sinabs.from_nir (Sinabs 3.1, nir <= 1.0.4): LI integrator, two multi-spike LIF for one spike",
         type_checked=False,
     ),
+    "snntorch": Recipe(_snntorch_neuron, "snntorch.import_nir (snnTorch 1.0): CubaLIF integrator (alpha 1, beta 0)"),
 }
 TARGETS = TOOLCHAIN_TARGETS
 assert set(TARGETS) < set(NEURON_RECIPES)
@@ -425,8 +449,8 @@ class _Builder:
         self.spike_nodes[node.name] = built.spikes
 
     def ghost_inhibition(self, name: str, geo: Geometry) -> list[str]:
-        """A conv that is 0 on a layer's real pixels and ≤ −2^30 on its ghosts, for targets whose neurons
-        take one threshold per row or column only (see `ghost_map`)."""
+        """A conv that is 0 on a layer's real pixels and −2^30 on its ghosts, for targets whose neurons take
+        one threshold per node (or per row or column) only (see `ghost_map`)."""
         weight = np.ones((geo.channels, 1, 1, 1), dtype=np.float32)
         conv = self.nir.Conv2d(
             input_shape=(self.grid, self.grid),
@@ -443,39 +467,30 @@ class _Builder:
         return [f"{name}.ghosts"]
 
     def ghost_map(self, dilation: int) -> str:
-        """One plane per dilation, 0 where row and column are multiples of it, else −2^30 or −2^31: two
-        mask populations spike every step on the real rows (thresholds per row) and real columns, and
-        2^30·(rows + columns − 2) is summed in one node, so that a real pixel gets exactly 0."""
+        """One plane per dilation, 0 where row and column are multiples of it, else −2^30: a 1×1 constant
+        (an all-zero conv with bias 1 from the node emitted before) through one grid×grid conv with padding
+        grid − 1, which paints its kernel, flipped, onto the plane — a constant pattern made of nodes that
+        every importer maps, with no per-pixel parameter."""
         if dilation in self.mask_nodes:
             return self.mask_nodes[dilation]
         nir, grid = self.nir, self.grid
-        previous = self.order[-1]
-        plane = (1, grid, grid)
-        ones = _zero_conv(nir, self.out_shape[previous], plane, torch.ones(1))
-        self.add(f"mask{dilation}.ones", ones, self.out_shape[previous], plane)
-        self.connect(previous, f"mask{dilation}.ones")
-        level = np.where(np.arange(grid) % dilation == 0, 1.0, GHOST_THRESHOLD).astype(np.float32)
-        terms = []
-        for k, (axis, shape) in enumerate((("rows", (grid, 1)), ("cols", (grid,)))):
-            one = np.ones(shape, dtype=np.float32)
-            lif = nir.LIF(
-                tau=SINABS_MEMORYLESS_TAU * one,
-                r=one,
-                v_leak=0 * one,
-                v_threshold=level.reshape(shape),
-                v_reset=0 * one,
-            )
-            mask = self.add(f"mask{dilation}.{axis}", lif, plane, plane)
-            self.connect(f"mask{dilation}.ones", mask)
-            scale = _diagonal(nir, plane, SINABS_INHIBITION)
-            scale.bias = np.full(1, -2 * SINABS_INHIBITION if k == 0 else 0.0, dtype=np.float32)
-            terms.append(self.add(f"mask{dilation}.{axis}.scaled", scale, plane, plane))
-            self.connect(mask, terms[-1])
-        total = self.add(f"mask{dilation}.ghosts", _diagonal(nir, plane, 1.0), plane, plane)
-        for term in terms:
-            self.connect(term, total)
-        self.mask_nodes[dilation] = total
-        return total
+        previous, unit, plane = self.order[-1], (1, 1, 1), (1, grid, grid)
+        one = self.add(f"mask{dilation}.one", _zero_conv(nir, self.out_shape[previous], unit, torch.ones(1)), self.out_shape[previous], unit)
+        self.connect(previous, one)
+        real = Geometry(1, -(-grid // dilation), dilation, grid).real()
+        pattern = np.where(real, 0.0, -GHOST_INHIBITION).astype(np.float32)[::-1, ::-1]
+        paint = nir.Conv2d(
+            input_shape=unit[1:],
+            weight=np.ascontiguousarray(pattern[None, None]),
+            stride=1,
+            padding=grid - 1,
+            dilation=1,
+            groups=1,
+            bias=np.zeros(1, dtype=np.float32),
+        )
+        self.mask_nodes[dilation] = self.add(f"mask{dilation}.ghosts", paint, unit, plane)
+        self.connect(one, self.mask_nodes[dilation])
+        return self.mask_nodes[dilation]
 
     def initial_potential(self, name: str, shape: Shape) -> np.ndarray:
         if self.v_init is not None:

@@ -15,9 +15,25 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import torch
+
+
+Step = Callable[[torch.Tensor], tuple[torch.Tensor, Callable[[str], torch.Tensor]]]
+
+
+def _graph_executor(model, key: Callable[[str], str]) -> Step:
+    """One run of nirtorch.load's GraphExecutor (Norse, Sinabs): a node's output is in `state.cache`."""
+    state = None
+
+    def step(x: torch.Tensor):
+        nonlocal state
+        output, state = model(x, state)
+        return output, lambda name: state.cache[key(name)]
+
+    return step
 
 
 def _norse(graph):
@@ -27,7 +43,7 @@ def _norse(graph):
     from nirtorch.utils import sanitize_name
 
     logging.disable(logging.WARNING)  # "Graph executor is deprecated"
-    return lambda batch: norse.torch.from_nir(graph), sanitize_name, getattr(norse, "__version__", "?")
+    return lambda batch: _graph_executor(norse.torch.from_nir(graph), sanitize_name), getattr(norse, "__version__", "?")
 
 
 def _sinabs(graph):
@@ -38,10 +54,40 @@ def _sinabs(graph):
     from nirtorch.utils import sanitize_name
 
     warnings.filterwarnings("ignore")
-    return lambda batch: sinabs.from_nir(graph, batch_size=batch), sanitize_name, sinabs.__version__
+    return lambda batch: _graph_executor(sinabs.from_nir(graph, batch_size=batch), sanitize_name), sinabs.__version__
 
 
-IMPORTERS = {"norse": _norse, "sinabs": _sinabs}
+def _snntorch(graph):
+    """snntorch.import_nir.import_from_nir: a nirtorch 2 GraphModule of snnTorch neurons that keep their
+    own state (init_hidden), reset for every batch; node outputs are read by forward hooks."""
+    import contextlib
+
+    import snntorch
+    from snntorch.import_nir import import_from_nir
+
+    with contextlib.redirect_stdout(sys.stderr):  # it prints as it converts
+        module = import_from_nir(graph)
+    outputs: dict[str, torch.Tensor] = {}
+    for name, child in module.named_children():
+        child.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+
+    def make(batch: int) -> Step:
+        for neuron in module.modules():
+            if hasattr(neuron, "reset_mem"):
+                neuron.reset_mem()
+        state = None
+
+        def step(x: torch.Tensor):
+            nonlocal state
+            output, state = module(x, state)
+            return output, lambda name: outputs[name.replace(".", "_")]
+
+        return step
+
+    return make, snntorch.__version__
+
+
+IMPORTERS = {"norse": _norse, "sinabs": _sinabs, "snntorch": _snntorch}
 
 
 def main(argv: list[str]) -> int:
@@ -54,21 +100,20 @@ def main(argv: list[str]) -> int:
     graph = nir.read(path)
     layers = graph.metadata["layers"]
     x_all = torch.from_numpy(np.load(inputs))
-    make, key, version = IMPORTERS[toolchain](graph)
+    make, version = IMPORTERS[toolchain](graph)
     counts = {layer: [] for layer in layers}
     logits = []
     with torch.no_grad():
         for start in range(0, len(x_all), batch):
             x = x_all[start : start + batch]
-            model = make(len(x))  # fresh state for every batch
+            step = make(len(x))  # fresh state for every batch
             frames = x.shape[1] if x.dim() == len(graph.metadata["input_shape"]) + 2 else 0
-            state, total, seen = None, 0.0, {}
+            total, seen = 0.0, {}
             for t in range(steps):
-                step_input = x[:, t * frames // steps] if frames else x
-                output, state = model(step_input, state)
+                output, node_output = step(x[:, t * frames // steps] if frames else x)
                 total = total + output
                 for layer, info in layers.items():
-                    spikes = state.cache[key(str(info["spikes"]))]
+                    spikes = node_output(str(info["spikes"]))
                     seen[layer] = spikes.clone() if layer not in seen else seen[layer] + spikes
             for layer in layers:
                 counts[layer].append(seen[layer].numpy())
