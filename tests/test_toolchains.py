@@ -187,7 +187,7 @@ def test_check_toolchain_reports_identity_and_agreement_and_names_what_cannot_ru
     args = ["check", str(checkpoint), "--T", "5", "--v-init", "0.5vth", "--iters", "5", "--limit", "24"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        spec = "norse,spyx" + (f",sinabs={SINABS_PYTHON}" if Path(SINABS_PYTHON).is_file() else "")
+        spec = "norse,spyx,snntorch" + (f",sinabs={SINABS_PYTHON}" if Path(SINABS_PYTHON).is_file() else "")
         code = main([*args, "--quiet", "--report", str(folder), "--min-agreement", "0", "--toolchain", spec])
     assert code == 0
     text = out.getvalue()
@@ -198,11 +198,14 @@ def test_check_toolchain_reports_identity_and_agreement_and_names_what_cannot_ru
     assert rows["norse"]["agreement_mpis"] == 1.0 and 0.0 <= rows["norse"]["agreement_onnx"] <= 1.0
     assert Path(rows["norse"]["file"]).is_file()
     assert rows["spyx"]["status"].startswith("no mpis export") and rows["spyx"]["identical"] is None
-    if "sinabs" in rows:  # two importers compared with one mpis run
-        assert rows["sinabs"]["identical"] == 1.0 and rows["sinabs"]["agreement_mpis"] == 1.0
+    for other in ("sinabs", "snntorch"):  # more importers compared with one mpis run, where installed
+        if rows[other]["status"] == "ran":
+            assert rows[other]["identical"] == 1.0 and rows[other]["agreement_mpis"] == 1.0
+        else:
+            assert rows[other]["status"].startswith("not installed") and rows[other]["identical"] is None
 
 
-@pytest.mark.parametrize("target", ["norse", "sinabs"])
+@pytest.mark.parametrize("target", ["norse", "sinabs", "snntorch"])
 def test_mpis_simulate_refuses_a_file_written_for_another_importer(target, tmp_path, capsys):
     path = tmp_path / f"{target}.nir"
     export_toolchain_nir(spiky_net(divided_arch("16C3S1-2F1*(32C3S2-48C3S1)-FC10"), (1, 8, 8)), path, target, 0.5)
