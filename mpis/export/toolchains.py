@@ -475,7 +475,8 @@ class _Builder:
             return self.mask_nodes[dilation]
         nir, grid = self.nir, self.grid
         previous, unit, plane = self.order[-1], (1, 1, 1), (1, grid, grid)
-        one = self.add(f"mask{dilation}.one", _zero_conv(nir, self.out_shape[previous], unit, torch.ones(1)), self.out_shape[previous], unit)
+        constant = _zero_conv(nir, self.out_shape[previous], unit, torch.ones(1))
+        one = self.add(f"mask{dilation}.one", constant, self.out_shape[previous], unit)
         self.connect(previous, one)
         real = Geometry(1, -(-grid // dilation), dilation, grid).real()
         pattern = np.where(real, 0.0, -GHOST_INHIBITION).astype(np.float32)[::-1, ::-1]

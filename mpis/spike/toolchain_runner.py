@@ -20,7 +20,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-
 Step = Callable[[torch.Tensor], tuple[torch.Tensor, Callable[[str], torch.Tensor]]]
 
 
