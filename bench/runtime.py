@@ -62,7 +62,7 @@ def dense_step(program):
     map builds them, each integrator an identity and each Threshold a clamp to [0, 1] (a rate neuron)."""
     import nir
 
-    from mpis.runtime.nirtorch_map import node_map
+    from mpis.spike.nirtorch_map import node_map
 
     mapping, graph, ops = node_map(), program.graph, []
     for step in program.steps:
@@ -112,7 +112,7 @@ def model_rate_step(net, x: torch.Tensor):
 def measure(graph, program, native, net, x: torch.Tensor, steps: int, repeats: int):
     """Best time of each method over `repeats` interleaved rounds (a busy machine slows all alike), after
     checking that our spike counts and logits equal nirtorch's; also returns our result."""
-    from mpis.runtime.nirtorch_map import run_nirtorch
+    from mpis.spike.nirtorch_map import run_nirtorch
 
     result = program.run(x, steps)
     logits, counts = run_nirtorch(graph, x, steps)
@@ -141,7 +141,7 @@ def measure(graph, program, native, net, x: torch.Tensor, steps: int, repeats: i
 def native_program(graph, steps: int):
     """The native-layout program, after checking its spikes equal the per-node program's in float64."""
     from mpis.errors import MpisError
-    from mpis.runtime.simulate import compile_graph
+    from mpis.spike.simulate import compile_graph
 
     try:
         exact = compile_graph(graph, dtype=torch.float64, layout="native")
@@ -156,7 +156,7 @@ def native_program(graph, steps: int):
 
 
 def main() -> None:
-    from mpis.runtime.simulate import compile_graph
+    from mpis.spike.simulate import compile_graph
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nir", help="a .nir file to run (default: export a model)")

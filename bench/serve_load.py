@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mpis.cli import main as mpis
-    from mpis.runtime.serve import read_model
+    from mpis.serve.server import read_model
 
     with tempfile.TemporaryDirectory() as scratch:
         repo = Path(args.source)

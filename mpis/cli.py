@@ -251,14 +251,14 @@ def _serve(args: argparse.Namespace) -> int:
         raise MpisError(f"--port must be 0..65535, got {args.port}")
     if not args.max_body_mb > 0:
         raise MpisError(f"--max-body-mb must be positive, got {args.max_body_mb:g}")
-    from mpis.runtime.serve import serve
+    from mpis.serve.server import serve
 
     serve(Path(args.repo), args.host, args.port, args.backend, not args.no_batching, int(args.max_body_mb * 2**20))
     return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from mpis.runtime.check import torch_threads
+    from mpis.spike.simulate import torch_threads
 
     with torch_threads(args.threads):
         return _simulate_file(args)
@@ -268,7 +268,7 @@ def _simulate_file(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
     from mpis.export.nir_nodes import read_nir
-    from mpis.runtime.simulate import compile_graph, evaluate
+    from mpis.spike.simulate import compile_graph, evaluate
     from mpis.train.data import load_dataset
 
     for flag, value in (("--T", args.T), ("--batch", args.batch), ("--limit", args.limit)):
@@ -296,13 +296,13 @@ def _simulate_file(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from mpis.runtime.check import cli_check
+    from mpis.check.run import cli_check
 
     return cli_check(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mpis.runtime.demo import cli_demo
+    from mpis.demo import cli_demo
 
     return cli_demo(args)
 

@@ -15,10 +15,11 @@ import pytest
 import torch
 from conftest import TINY_ARCH, contractive_net
 
+from mpis.check.options import parse_steps, parse_v_inits
+from mpis.check.report import loglog_slope
 from mpis.cli import main
 from mpis.export.nir import build_nir
-from mpis.runtime.check import loglog_slope, parse_steps, parse_v_inits
-from mpis.runtime.simulate import compile_graph, layer_counts
+from mpis.spike.simulate import compile_graph, layer_counts
 from mpis.train.data import load_dataset
 
 LAYERS = ["stem1", "s1_l1", "s2_l1", "s1_l2", "s2_l2"]

@@ -12,8 +12,8 @@ from mpis.errors import MpisError
 from mpis.export.nir import build_nir, export_nir
 from mpis.export.nir_nodes import read_nir
 from mpis.model.network import MPISNet
-from mpis.runtime.nirtorch_map import run_nirtorch
-from mpis.runtime.simulate import compile_graph, layer_counts
+from mpis.spike.nirtorch_map import run_nirtorch
+from mpis.spike.simulate import compile_graph, layer_counts
 from mpis.train.checkpoint import load_checkpoint
 from mpis.train.data import load_dataset
 

@@ -7,7 +7,7 @@ import torch
 from mpis.errors import MpisError
 from mpis.export.nir_nodes import read_nir, subtract_reset_if
 from mpis.model.neurons import NeuronParams, neuron_step
-from mpis.runtime.nirtorch_map import node_map
+from mpis.spike.nirtorch_map import node_map
 
 
 def if_graph(vth: float, v_init, shape=(1,)) -> nir.NIRGraph:

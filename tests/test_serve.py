@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from mpis.cli import main
 from mpis.errors import MpisError
-from mpis.runtime.serve import ModelServer, parse_pbtxt, read_model
+from mpis.serve.server import ModelServer, parse_pbtxt, read_model
 
 MAX_BATCH = 8
 BODY_LIMIT = 200_000

@@ -6,7 +6,7 @@ nodes of shape (C, G, G) (phase (a, b) holds pixels (f·i + a, f·j + b)). Each 
 fusion) becomes one small stride-1 `Conv2d` per pair of (input phase, output phase) with a nonzero
 kernel block, found by probing the op with impulses (`polyphase.polyphase_conv`), so stored weights
 stay close to the nonzero taps. Each block's metadata names its op ({"op", "in_phase", "out_phase",
-"in_factor", "out_factor"}), so a runtime can reassemble the op in native layout (`runtime.native`).
+"in_factor", "out_factor"}), so a runtime can reassemble the op in native layout (`spike.native_layout`).
 Conv ops are composed into edges: op(a + b) = op(a) + op(b), the bias
 added once per output phase, and the NIR rule "incoming edges are summed" does the adding.
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from mpis import __version__
 from mpis.errors import MpisError
-from mpis.runtime.batching import DynamicBatcher, Tensors
+from mpis.serve.batching import DynamicBatcher, Tensors
 
 try:
     import uvicorn

@@ -12,7 +12,7 @@ from mpis.errors import MpisError
 from mpis.export.nir import build_nir, export_nir
 from mpis.export.nir_nodes import read_nir
 from mpis.model.network import MPISNet
-from mpis.runtime.simulate import compile_graph
+from mpis.spike.simulate import compile_graph
 
 DIGITS_ARCH = "16C3S1-2F1*(32C3S2-48C3S1)-FC10"
 

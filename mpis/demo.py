@@ -26,7 +26,7 @@ DEMO_MINUTES = "6-14"  # measured with the defaults on two 2-core machines (READ
 def run_demo(*args, threads: int = 1, **kwargs) -> tuple[list[str], object]:
     """`_run_demo` with `threads` intra-op threads (1 by default: about as fast on two idle cores, far faster
     on a busy machine; measured 8 s vs 80 s per digits epoch with the machine's load at 5)."""
-    from mpis.runtime.check import torch_threads
+    from mpis.spike.simulate import torch_threads
 
     with torch_threads(threads):
         return _run_demo(*args, threads=threads, **kwargs)
@@ -47,12 +47,13 @@ def _run_demo(
     seed: int = 0,
 ) -> tuple[list[str], object]:
     """Run every stage; return the lines to print (check table, artifact paths) and the check report."""
+    from mpis.check.options import DEFAULT_MIN_AGREEMENT, CheckOptions
+    from mpis.check.run import check
     from mpis.config import ModelConfig, SolverConfig, TrainConfig
     from mpis.export import DEFAULT_MAX_PARAM_GROWTH
     from mpis.export.nir import default_nir_v_init, export_nir
     from mpis.export.onnx import INPUT_NAME, LOGITS_NAME, export_onnx
     from mpis.export.triton import write_triton_repo
-    from mpis.runtime.check import DEFAULT_MIN_AGREEMENT, CheckOptions, check
     from mpis.train.checkpoint import load_checkpoint
     from mpis.train.data import load_dataset
     from mpis.train.loop import train
@@ -138,7 +139,8 @@ def _clock(seconds: float) -> str:
 
 def cli_demo(args) -> int:
     """`mpis demo` (mpis/cli.py)."""
-    from mpis.runtime.check import parse_steps, verdict
+    from mpis.check.options import parse_steps
+    from mpis.check.report import verdict
 
     lines, report = run_demo(
         Path(args.out),

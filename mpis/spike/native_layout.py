@@ -10,7 +10,7 @@ using it. Where the graph split one of the model's convs by source (`s1_l2_conv.
 does. Neurons become one I ⇄ Threshold update per layer. Nodes without op metadata (the stem conv, the
 head) run as they are.
 
-Same time semantics as `simulate.Program`: within a step, ops and layers run in dependency order; what
+Same time semantics as `graph_layout.Program`: within a step, ops and layers run in dependency order; what
 the graph reads one step late (the Trans chain) is the previous step's value, nothing at t = 0. Sums run
 in another order than the per-node program, so float64 runs give its spikes, and float32 runs agree up
 to rounding at the threshold (measured in the README).
@@ -29,7 +29,8 @@ from torch import Tensor
 
 from mpis.errors import MpisError
 from mpis.export.nir import native_layer
-from mpis.runtime.simulate import _STATELESS, Program, SimResult, _array, _edges, _find_neurons, _ones
+from mpis.spike.graph_layout import Program, SimResult
+from mpis.spike.nodes import STATELESS, edges, find_neurons, is_ones, tensor_of
 
 INPUT = "<input>"
 PROBE_CHUNK = 512
@@ -164,7 +165,7 @@ class NativeProgram:
             for (a, b), neuron in layer.phases.items():
                 per_node[neuron.threshold] = counts[layer.name][:, :, a::f, b::f].contiguous()
         counted = out if before is None else out - before
-        return SimResult(out, total, per_node, steps, total if program._output_spikes else counted)
+        return SimResult(out, total, per_node, steps, total if program.output_spikes else counted)
 
 
 def _sum(reads, cur: dict, prev: dict, shape: tuple[int, ...]) -> Tensor:
@@ -281,8 +282,8 @@ def compile_native(program: Program) -> NativeProgram:
     """Rebuild `program`'s graph per layer and op in native layout. MpisError when the graph is not an mpis
     `exact` export (neurons I ⇄ Threshold with layer metadata, linear nodes with op metadata)."""
     graph = program.graph
-    sources, targets = _edges(graph)
-    neurons = _find_neurons(graph, sources, targets)
+    sources, targets = edges(graph)
+    neurons = find_neurons(graph, sources, targets)
     like = torch.empty(0, device=program.device, dtype=program.dtype)
     shapes = program.node_shapes()
     steps = {s.node: s for s in program.steps}
@@ -316,7 +317,7 @@ def compile_native(program: Program) -> NativeProgram:
         if step.node in fused or step.node in where or step.node == output_i:
             continue
         kind = type(node).__name__
-        if kind not in _STATELESS or kind == "Threshold":
+        if kind not in STATELESS or kind == "Threshold":
             raise MpisError(f"node {step.node!r} ({kind}) is neither linear nor part of an mpis neuron")
         meta = node.metadata
         op = str(meta["op"]) if "op" in meta else step.node
@@ -350,9 +351,7 @@ def compile_native(program: Program) -> NativeProgram:
 
     # ops: their source item and native shapes
     ops: dict[str, _Op] = {}
-    fns = {
-        n: _STATELESS[type(graph.nodes[n]).__name__](graph.nodes[n], like) for b in op_blocks.values() for n, *_ in b
-    }
+    fns = {n: STATELESS[type(graph.nodes[n]).__name__](graph.nodes[n], like) for b in op_blocks.values() for n, *_ in b}
     item_shape: dict[str, tuple[int, ...]] = {INPUT: tuple(program.input_shape)}
     for layer in layers.values():
         c, h, w = shapes[next(iter(layer.phases.values())).threshold]
@@ -387,7 +386,7 @@ def compile_native(program: Program) -> NativeProgram:
     if output_i is not None:
         output_reads = reads_of(steps[output_i])
         r = graph.nodes[output_i].r
-        output_rate = _array(np.broadcast_to(r, shapes[output_i]), like)
+        output_rate = tensor_of(np.broadcast_to(r, shapes[output_i]), like)
     else:
         output_reads = tuple((item, False) for item in items_read(set(output_inputs), None, program.output_node))
         output_rate = None
@@ -408,7 +407,7 @@ def _node_conv(node, like: Tensor) -> _Conv | None:
         return None
     if tuple(np.atleast_1d(node.dilation)) not in ((1,), (1, 1)):
         return None
-    weight, bias = _array(node.weight, like), _array(node.bias, like)
+    weight, bias = tensor_of(node.weight, like), tensor_of(node.bias, like)
     stride, padding = (tuple(int(v) for v in np.broadcast_to(np.atleast_1d(x), 2)) for x in (node.stride, node.padding))
     return _Conv(False, weight, stride, padding, bias=bias.expand(weight.shape[0]).contiguous())
 
@@ -460,7 +459,7 @@ def _neuron_parameters(layer: _Layer, graph, like: Tensor) -> None:
     c, h, w = layer.shape[0], layer.shape[1] // layer.factor, layer.shape[2] // layer.factor
 
     def native(get) -> Tensor:
-        phases = {phase: _array(np.broadcast_to(get(n), (c, h, w)), like)[None] for phase, n in layer.phases.items()}
+        phases = {phase: tensor_of(np.broadcast_to(get(n), (c, h, w)), like)[None] for phase, n in layer.phases.items()}
         return native_layer(phases, layer.factor)[0]
 
     def feedback(neuron, of_spikes: bool):
@@ -470,7 +469,7 @@ def _neuron_parameters(layer: _Layer, graph, like: Tensor) -> None:
         return 0.0
 
     layer.threshold = native(lambda n: graph.nodes[n.threshold].threshold)
-    if not all(_ones(graph.nodes[n.i].r) for n in layer.phases.values()):
+    if not all(is_ones(graph.nodes[n.i].r) for n in layer.phases.values()):
         layer.rate = native(lambda n: graph.nodes[n.i].r)
     for of_spikes, attribute in ((True, "spike_scale"), (False, "leak_scale")):
         if any((of == n.threshold) == of_spikes for n in layer.phases.values() for of in n.feedback.values()):

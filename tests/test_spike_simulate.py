@@ -9,8 +9,9 @@ from mpis.errors import MpisError
 from mpis.export.nir import build_nir
 from mpis.export.nir_nodes import subtract_reset_if
 from mpis.model.network import MPISNet
-from mpis.runtime.nirtorch_map import run_nirtorch
-from mpis.runtime.simulate import compile_graph, dense_macs, fan_out, layer_counts, schedule, synaptic_ops
+from mpis.spike.graph_layout import dense_macs, fan_out, schedule, synaptic_ops
+from mpis.spike.nirtorch_map import run_nirtorch
+from mpis.spike.simulate import compile_graph, layer_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,1 +1,0 @@
-"""Running exported graphs: the NIR node map for nirtorch (the spike runtime follows)."""

@@ -1,0 +1,1 @@
+"""The HTTP inference server (KServe v2 / Triton protocol) and its dynamic batching."""
