@@ -61,12 +61,18 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, SolverConfig, Train
 
 
 def _train(args: argparse.Namespace) -> int:
+    import time
+
     from mpis.train.loop import train
+    from mpis.train.presets import beside_paper
 
     model_cfg, solver_cfg, train_cfg = _configs(args)
+    start = time.perf_counter()
     metrics = train(model_cfg, solver_cfg, train_cfg, Path(args.out), args.overwrite, progress=not args.quiet)
     if metrics:  # only rank 0 of a torchrun job evaluates and writes
         print(f"test accuracy {metrics['test_acc']:.4f}; checkpoint {Path(args.out) / 'model.pt'}")
+        if args.preset:
+            print(beside_paper(args.preset, metrics["test_acc"], train_cfg.epochs, time.perf_counter() - start))
     return 0
 
 
@@ -307,8 +313,11 @@ def _demo(args: argparse.Namespace) -> int:
     return cli_demo(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The parser; `train_defaults` (a preset's settings) replace the train command's defaults, so that flags
+    given on the command line still win."""
     from mpis import __version__
+    from mpis.train.presets import PRESETS
 
     parser = _Parser(prog="mpis", description="Train MPIS equilibrium spiking networks and export them.")
     parser.add_argument("--version", action="version", version=f"mpis {__version__}")
@@ -317,8 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder for model.pt and metrics.jsonl")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    train.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="the paper's settings for a benchmark (architecture, dataset, T, batch size, optimizer; our epochs "
+        "and lr); flags given here override it, and the paper's accuracy is printed beside ours",
+    )
     _add_config_flags(train)
-    train.set_defaults(run=_train)
+    train.set_defaults(run=_train, **(train_defaults or {}))
 
     export = commands.add_parser("export", help="export a trained checkpoint (ONNX, TensorRT, Triton repository, NIR)")
     export.add_argument("checkpoint", help="DIR/model.pt written by mpis train")
@@ -501,6 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "preset", None):
+        from mpis.train.presets import PRESETS
+
+        args = build_parser(PRESETS[args.preset].flags()).parse_args(argv)
     try:
         status = args.run(args)
         sys.stdout.flush()  # here, so that a closed pipe is caught below and not at the interpreter's exit
