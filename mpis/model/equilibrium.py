@@ -72,7 +72,7 @@ class EquilibriumModel(nn.Module):
     def solve(self, x: Tensor, masks: Values) -> tuple[Values, int]:
         """The fixed point of the stream outputs, computed without an autograd graph."""
         if self.solver.forward == "spike":
-            return self.net.simulate(x, self.solver.T, masks).state_rates, self.solver.T
+            return self.net.simulate(x, self.solver.T, masks, count_spikes=False).state_rates, self.solver.T
         explicit = self.net.explicit_rates(x, masks, horizon=self.horizon)
         func = self._map(explicit, masks, "running")
         z0 = self.layout.pack(self.net.zero_state(x.shape[0], x.device, x.dtype))

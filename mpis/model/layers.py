@@ -7,6 +7,7 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -69,9 +70,10 @@ class ConvBN(nn.Module):
     def forward(self, x: Tensor, stats: str = "running") -> Tensor:
         """`running`: deployed statistics; `batch`: this batch's; `track`: this batch's, and update the
         running ones (ordinary BN training, used per time step by BPTT)."""
+        if stats == "running":  # BN folded into the conv: one op per step instead of three
+            weight, bias = self._folded(self.bn.running_mean, self.bn.running_var)
+            return F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding)
         y = self.conv(x)
-        if stats == "running":
-            return self._normalise(y, self.bn.running_mean, self.bn.running_var)
         mean, var, count = batch_statistics(y)
         if stats == "track":
             self._update(mean, var, count)
@@ -99,12 +101,14 @@ class ConvBN(nn.Module):
         self._update(*batch_statistics(y))
         return self._normalise(y, self.bn.running_mean, self.bn.running_var)
 
-    def folded(self) -> tuple[Tensor, Tensor]:
-        """Weight and bias of the single conv equal to conv→BN (for export)."""
+    def _folded(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
         bn = self.bn
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        weight = self.conv.weight * scale[:, None, None, None]
-        bias = bn.bias - bn.running_mean * scale
+        scale = bn.weight / torch.sqrt(var + bn.eps)
+        return self.conv.weight * scale[:, None, None, None], bn.bias - mean * scale
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """Weight and bias of the single conv equal to conv→BN with the running statistics (for export)."""
+        weight, bias = self._folded(self.bn.running_mean, self.bn.running_var)
         return weight.detach(), bias.detach()
 
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from mpis.arch import Arch, parse_arch
 from mpis.model.graph import Graph, Node, build_graph
 from mpis.model.layers import FoldedConv
-from mpis.model.neurons import NeuronParams, SpikeFn, dbrelu, heaviside, neuron_step
+from mpis.model.neurons import NeuronParams, SpikeFn, dbrelu, heaviside, neuron_step, neuron_step_
 
 Fire = Callable[[str, Tensor], Tensor]
 Values = dict[str, Tensor]
@@ -209,6 +209,8 @@ class MPISNet(nn.Module):
             constant = self._walk(self.constant_nodes, {"input": x}, {}, no_fire, bn)
         membranes: Values = {}
 
+        in_place = spike is heaviside and not torch.is_grad_enabled()
+
         def fire(name: str, current: Tensor) -> Tensor:
             mask = masks.get(name)
             if mask is not None:
@@ -216,7 +218,12 @@ class MPISNet(nn.Module):
             v = membranes.get(name)
             if v is None:
                 v = self.initial_potential(name, current)
-            spikes, membranes[name] = neuron_step(current, v, self.neuron, spike)
+                if in_place:  # a membrane of its own, in the current's memory layout
+                    v = torch.empty_like(current).copy_(v)
+            if in_place:
+                spikes, membranes[name] = neuron_step_(current, v, self.neuron)
+            else:
+                spikes, membranes[name] = neuron_step(current, v, self.neuron, spike)
             return spikes
 
         previous = self.zero_state(x.shape[0], x.device, x.dtype)
@@ -228,16 +235,24 @@ class MPISNet(nn.Module):
             yield values
 
     @torch.no_grad()
-    def simulate(self, x: Tensor, steps: int, masks: Values | None = None) -> SpikeRecord:
-        """T-step simulation; stream-output rates are weighted by λ^(T−t) (plain means for IF)."""
+    def simulate(self, x: Tensor, steps: int, masks: Values | None = None, count_spikes: bool = True) -> SpikeRecord:
+        """T-step simulation; stream-output rates are weighted by λ^(T−t) (plain means for IF). Sums are
+        accumulated in place (a fresh tensor per step and layer cost as much as the adds); the training
+        solve needs only the stream rates (`count_spikes=False`)."""
         leak = self.neuron.leak
         sums: Values = {}
         counts: Values = {}
         norm = 0.0
+        counted = [n.name for n in self.neurons] if count_spikes else []
         for values in self.spike_steps(x, steps, masks):
             norm = leak * norm + 1.0
             for name in self.graph.state:
-                sums[name] = values[name] if name not in sums else leak * sums[name] + values[name]
-            for n in self.neurons:
-                counts[n.name] = values[n.name] if n.name not in counts else counts[n.name] + values[n.name]
+                if name not in sums:
+                    sums[name] = values[name].clone()
+                else:
+                    sums[name] = (
+                        sums[name].add_(values[name]) if leak == 1.0 else sums[name].mul_(leak).add_(values[name])
+                    )
+            for name in counted:
+                counts[name] = values[name].clone() if name not in counts else counts[name].add_(values[name])
         return SpikeRecord({k: v / norm for k, v in sums.items()}, counts, steps)

@@ -53,6 +53,20 @@ def neuron_step(current: Tensor, v: Tensor, p: NeuronParams, spike: SpikeFn = he
     return spikes, v_next
 
 
+@torch.no_grad()
+def neuron_step_(current: Tensor, v: Tensor, p: NeuronParams) -> tuple[Tensor, Tensor]:
+    """`neuron_step` with the Heaviside spike, updating the membrane `v` in place: the same arithmetic bit
+    for bit (Vth·s is exact, and h > Vth ⟺ h − Vth > 0 in floating point) without the temporaries, for the
+    spike forward that keeps no graph (a third of its time went to them)."""
+    h = v.add_(current) if p.leak == 1.0 else v.mul_(p.leak).add_(current)
+    spikes = torch.gt(h, p.vth, out=torch.empty_like(h))
+    if p.reset == "soft":
+        h.sub_(spikes, alpha=p.vth)
+    else:
+        h.mul_(1.0 - spikes)
+    return spikes, h
+
+
 class _Surrogate(torch.autograd.Function):
     """Heaviside forward, smooth pseudo-derivative backward (the surrogate gradient of BPTT)."""
 

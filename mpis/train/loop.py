@@ -25,7 +25,7 @@ from mpis.errors import MpisError
 from mpis.train.checkpoint import atomic_write, save_checkpoint
 from mpis.train.data import load_dataset
 from mpis.train.losses import readout, spiking_loss
-from mpis.train.models import build_model, step_outputs
+from mpis.train.models import build_model, on_device, step_outputs
 
 RUN_FILES = ("model.pt", "metrics.jsonl")
 
@@ -68,7 +68,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, loss_ki
     model.eval()
     correct = total = 0
     for x, y in loader:
-        outputs, _ = step_outputs(model, x.to(device))
+        outputs, _ = step_outputs(model, on_device(x, device))
         correct += int((readout(loss_kind, outputs).argmax(1).cpu() == y).sum())
         total += len(y)
     return correct / max(total, 1)
@@ -186,7 +186,7 @@ def _train(
         totals = torch.zeros(5, dtype=torch.float64)  # loss sum, correct, seen, residual sum, Jacobian sum
         bar.set_description(f"epoch {epoch}/{train_cfg.epochs}")
         for x, y in train_loader:
-            x, y = x.to(device), y.to(device)
+            x, y = on_device(x, device), y.to(device)
             if data.augment is not None:
                 x = data.augment(x)
             outputs, info = step_outputs(trained, x)
