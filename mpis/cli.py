@@ -514,12 +514,18 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, read twice when it names a preset: the preset's settings become the defaults."""
     args = build_parser().parse_args(argv)
     if getattr(args, "preset", None):
         from mpis.train.presets import PRESETS
 
         args = build_parser(PRESETS[args.preset].flags()).parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         status = args.run(args)
         sys.stdout.flush()  # here, so that a closed pipe is caught below and not at the interpreter's exit

@@ -71,6 +71,7 @@ def test_train_refuses_to_overwrite_an_earlier_run(tmp_path, capsys):
         (["--jac-reg", "-0.5"], "--jac-reg must be >= 0"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
         (["--bogus-flag"], "unrecognized arguments"),
+        (["--preset", "imagenet"], "invalid choice: 'imagenet'"),
     ],
 )
 def test_bad_command_line_is_one_line_and_exit_2(tmp_path, args, words):
@@ -129,3 +130,30 @@ def test_arch_command_lists_the_graph_and_counts_parameters(capsys):
     out = capsys.readouterr().out
     assert "s1_trans" in out and "s2_l2 (previous step)" in out
     assert out.strip().endswith("parameters: 93,242")
+
+
+def test_a_preset_sets_the_papers_settings_and_flags_given_win():
+    from mpis.cli import parse_args
+    from mpis.train.presets import PRESETS
+
+    args = parse_args(["train", "--preset", "fashion-mnist", "--out", "x"])
+    preset = PRESETS["fashion-mnist"]
+    assert (args.arch, args.dataset, args.T, args.batch_size, args.optimizer) == (
+        "16C3S1-2F1*(32C3S2-48C3S1)-FC10",
+        "fashion-mnist",
+        30,
+        256,
+        "sgd",
+    )
+    assert args.epochs == preset.settings["epochs"]
+    args = parse_args(["train", "--preset", "fashion-mnist", "--out", "x", "--T", "100", "--optimizer", "adamw"])
+    assert (args.T, args.optimizer, args.batch_size) == (100, "adamw", 256)
+    assert parse_args(["train", "--out", "x"]).T == 30 and parse_args(["train", "--out", "x"]).batch_size == 64
+
+
+def test_the_paper_figure_is_printed_beside_ours():
+    from mpis.train.presets import beside_paper
+
+    line = beside_paper("fashion-mnist", 0.9123, 7, 3600)
+    assert "paper 93.14 % at T = 30" in line and "ours 91.23% after 7 epochs in 60.0 min (-1.91 points)" in line
+    assert "no MNIST row" in beside_paper("mnist", 0.99, 1, 60)

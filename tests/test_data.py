@@ -89,6 +89,24 @@ def test_cifar_loader_rejects_a_corrupt_batch(tmp_path):
         load_dataset("cifar100", tmp_path)
 
 
+def test_a_partial_cifar10_copy_trains_on_what_is_there_and_names_what_is_missing(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    write_cifar_batch(folder / "data_batch_1", 4, b"labels", 10)
+    write_cifar_batch(folder / "test_batch", 3, b"labels", 10)
+    data = load_dataset("cifar10", tmp_path)
+    assert (len(data.train), len(data.test)) == (4, 3)
+    assert "training on data_batch_1 (4 images); missing data_batch_2, data_batch_3" in data.note
+
+
+def test_cifar10_without_any_training_batch_is_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    write_cifar_batch(folder / "test_batch", 3, b"labels", 10)
+    with pytest.raises(MpisError, match="needs at least one of data_batch_1"):
+        load_dataset("cifar10", tmp_path)
+
+
 def encode_events(events) -> bytes:
     out = bytearray()
     for x, y, p, ts in events:

@@ -36,6 +36,7 @@ class DataSplit:
     input_shape: tuple[int, int, int]
     classes: int
     augment: Callable[[Tensor], Tensor] | None = None
+    note: str | None = None  # one line for the user about what was read (e.g. a partial copy)
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, frames: int = 30) -> DataSplit:
@@ -159,13 +160,26 @@ def _read_cifar_batch(path: Path, label_key: bytes, classes: int) -> tuple[Tenso
 
 
 def _cifar(root: Path, name: str) -> DataSplit:
+    """The batches that are there: CIFAR-10's five training batches are independent shards, so a partial
+    copy (say only `data_batch_1`) trains on what it has, with a note naming what is missing, rather than
+    being refused; the test batch is required, so that accuracies stay comparable."""
     folder, train_files, test_files, label_key, classes = _CIFAR[name]
     base = root / folder if (root / folder).is_dir() else root
+    present = [f for f in train_files if (base / f).is_file()]
+    if not present:
+        raise MpisError(f"missing file {base / train_files[0]}: {name} needs at least one of {', '.join(train_files)}")
     splits = []
-    for files in (train_files, test_files):
+    for files in (present, test_files):
         pieces = [_read_cifar_batch(base / f, label_key, classes) for f in files]
         splits.append(TensorDataset(torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])))
-    return DataSplit(splits[0], splits[1], (3, 32, 32), classes, augment=crop_flip)
+    missing = [f for f in train_files if f not in present]
+    note = None
+    if missing:
+        note = (
+            f"{name}: a partial copy in {base}: training on {', '.join(present)} ({len(splits[0])} images); "
+            f"missing {', '.join(missing)}"
+        )
+    return DataSplit(splits[0], splits[1], (3, 32, 32), classes, augment=crop_flip, note=note)
 
 
 def crop_flip(images: Tensor) -> Tensor:

@@ -151,6 +151,8 @@ def _train(
         raise MpisError(f"arch ends in FC{model.net.arch.classes} but the dataset has {data.classes} classes")
     if ddp.main:  # only now: an arch that does not fit the data must not leave an empty --out behind
         prepare_out_dir(out, overwrite)
+        if data.note:
+            print(f"note: {data.note}", file=sys.stderr)
     trained = DistributedDataParallel(model) if ddp.world > 1 else model
     # The same sampler with one replica or K: K processes with batch B see exactly the batches of size K·B
     # that one process sees, so a torchrun job reproduces a single-process run.
