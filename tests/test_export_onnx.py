@@ -36,10 +36,14 @@ def test_onnx_runtime_matches_pytorch_on_the_whole_test_set(checkpoint, exported
     session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": test_images.numpy()})
     with torch.no_grad():
-        want = RateGraph(net, 5, with_rates=True)(test_images)
+        graph = RateGraph(net, 5, with_rates=True)
+        want = graph(test_images)
+        exact = graph.double()(test_images.double())  # the truth both fp32 evaluations approximate
         unfolded = net.rate_iterations(test_images, 5)  # BN not folded: the trained network itself
         trained = net.classify(unfolded)
-    assert np.abs(got[0] - want[0].numpy()).max() <= 1e-5
+    onnx_error = float(np.abs(got[0] - exact[0].numpy()).max())
+    torch_error = float((want[0].double() - exact[0]).abs().max())
+    assert onnx_error <= max(1e-5, 4 * torch_error)  # the export's parity rule (README): no worse than 4x fp32
     assert (got[0].argmax(1) == trained.numpy().argmax(1)).all()
     # This 1-epoch net has BN gains up to ~100 in its loop, so fp32 rounding moves rates by up to ~5e-5;
     # the trained digits net of the README stays below 1e-5.
