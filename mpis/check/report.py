@@ -120,7 +120,7 @@ class CheckReport:
     v_inits: tuple[VInit, ...]
     vth: float
     iterations: int
-    reference: dict  # how good the reference is: see `_reference_quality`
+    reference: dict  # how good the reference is: see `check.run.reference_quality`
     rows: list[Row]
     artifacts: dict[str, object]
     min_agreement: float
