@@ -5,6 +5,8 @@ Each configuration runs in a fresh process with the code of its revision on `PYT
 commit is checked out into a temporary git worktree): the paper's Fashion-MNIST net, 1×28×28 random
 inputs (the dense convolutions cost the same whatever the spikes), a warm-up step, then the mean of
 `--steps` steps of forward solve + backward + optimizer step. s/epoch = s/step × steps per epoch.
+MPIS after is measured twice: float32 throughout, and with the spike forward's convolutions in bfloat16
+(`--solve-dtype bfloat16`; the revision before has no such option).
 
     python bench/train_speed.py                          # before = the commit before the speed work
     python bench/train_speed.py --before HEAD~3 --T 30 100 --batch 256
@@ -35,7 +37,8 @@ def measure(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     train = TrainConfig(method=args.method)
-    model = models.build_model(ModelConfig(arch=args.arch), SolverConfig(T=args.T[0]), train, (1, 28, 28)).train()
+    solver = SolverConfig(T=args.T[0], **({"solve_dtype": args.solve_dtype} if args.solve_dtype else {}))
+    model = models.build_model(ModelConfig(arch=args.arch), solver, train, (1, 28, 28)).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.rand(args.batch, 1, 28, 28)
     x = models.on_device(x, torch.device("cpu")) if hasattr(models, "on_device") else x  # as its train loop does
@@ -54,9 +57,9 @@ def measure(args: argparse.Namespace) -> dict:
     return {"seconds_per_step": (time.perf_counter() - start) / args.steps}
 
 
-def worker(args: argparse.Namespace, source: Path, method: str, steps: int) -> float:
+def worker(args: argparse.Namespace, source: Path, method: str, steps: int, solve_dtype: str = "") -> float:
     cmd = [sys.executable, __file__, "--worker", "--method", method, "--T", str(steps), "--batch", str(args.batch),
-           "--steps", str(args.steps), "--arch", args.arch]  # fmt: skip
+           "--steps", str(args.steps), "--arch", args.arch, "--solve-dtype", solve_dtype]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=source)
     if done.returncode:
@@ -75,6 +78,7 @@ def main() -> None:
     parser.add_argument("--epoch-samples", type=int, default=60_000)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="mpis", help=argparse.SUPPRESS)
+    parser.add_argument("--solve-dtype", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(measure(args)))
@@ -86,17 +90,18 @@ def main() -> None:
                        capture_output=True)  # fmt: skip
         try:
             print(f"batch {args.batch}, {args.threads} threads, {per_epoch} steps per epoch; before = {args.before}")
-            print("method    T  before s/step  after s/step  after s/epoch  after/before")
+            print("method       T  before s/step  after s/step  after s/epoch  after/before")
             after: dict[tuple[str, int], float] = {}
             for steps in args.T:
-                for method in ("mpis", "bptt"):
+                for method, dtype in (("mpis", ""), ("mpis", "bfloat16"), ("bptt", "")):
+                    label = method + ("+bf16" if dtype else "")
                     old = worker(args, before, method, steps)  # alternating, so drift hits both alike
-                    after[method, steps] = new = worker(args, ROOT, method, steps)
+                    after[label, steps] = new = worker(args, ROOT, method, steps, dtype)
                     epoch = new * per_epoch / 60
-                    print(f"{method:<6} {steps:>4} {old:>14.3f} {new:>13.3f} {epoch:>12.1f} m {new / old:>13.2f}")
+                    print(f"{label:<9} {steps:>4} {old:>14.3f} {new:>13.3f} {epoch:>12.1f} m {new / old:>13.2f}")
             for steps in args.T:
-                ratio = after["mpis", steps] / after["bptt", steps]
-                print(f"MPIS/BPTT time per step (after), T = {steps}: {ratio:.2f}")
+                for label in ("mpis", "mpis+bf16"):
+                    print(f"{label}/bptt time per step (after), T = {steps}: {after[label, steps] / after['bptt', steps]:.2f}")
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], capture_output=True)
 

@@ -54,6 +54,12 @@ class SolverConfig:
     T: int = _opt(30, "simulation steps (spike) / maximum solver iterations (rate)")
     solver: str = _opt("anderson", "fixed-point solver of the rate forward (TorchDEQ)", SOLVERS)
     tol: float = _opt(1e-4, "relative residual at which the rate forward stops")
+    solve_dtype: str = _opt(
+        "float32",
+        "dtype of the spike forward's convolutions in training (membranes and rates stay float32); "
+        "bfloat16 is ~1.5x faster on CPUs with AVX512-BF16/AMX and on GPUs",
+        ("float32", "bfloat16"),
+    )
     grad: str = _opt(
         "phantom", "phantom gradient (damped unrolled steps at r*), or implicit differentiation", GRAD_MODES
     )

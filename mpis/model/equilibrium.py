@@ -32,12 +32,25 @@ class StateLayout:
     shapes: tuple[tuple[int, ...], ...]
 
     def pack(self, values: Values) -> Tensor:
-        return torch.cat([values[n].flatten(1) for n in self.names], dim=1)
+        return torch.cat([_channels_last_view(values[n]).flatten(1) for n in self.names], dim=1)
 
     def unpack(self, flat: Tensor) -> Values:
         sizes = [math.prod(s) for s in self.shapes]
         parts = torch.split(flat, sizes, dim=1)
-        return {n: p.reshape(flat.shape[0], *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+        return {n: _from_channels_last(p, s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+
+def _channels_last_view(value: Tensor) -> Tensor:
+    """(B, C, H, W) as (B, H, W, C): the flat vector keeps channels innermost, so the convolutions of the
+    solve read channels-last tensors without a copy (NCHW inputs to channels-last weights cost ~1.6x)."""
+    return value.permute(0, 2, 3, 1) if value.dim() == 4 else value
+
+
+def _from_channels_last(part: Tensor, shape: tuple[int, ...]) -> Tensor:
+    if len(shape) != 3:
+        return part.reshape(part.shape[0], *shape)
+    channels, height, width = shape
+    return part.reshape(part.shape[0], height, width, channels).permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -72,7 +85,10 @@ class EquilibriumModel(nn.Module):
     def solve(self, x: Tensor, masks: Values) -> tuple[Values, int]:
         """The fixed point of the stream outputs, computed without an autograd graph."""
         if self.solver.forward == "spike":
-            return self.net.simulate(x, self.solver.T, masks, count_spikes=False).state_rates, self.solver.T
+            low = self.solver.solve_dtype == "bfloat16"
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=low):
+                record = self.net.simulate(x, self.solver.T, masks, count_spikes=False)
+            return record.state_rates, self.solver.T
         explicit = self.net.explicit_rates(x, masks, horizon=self.horizon)
         func = self._map(explicit, masks, "running")
         z0 = self.layout.pack(self.net.zero_state(x.shape[0], x.device, x.dtype))

@@ -218,8 +218,8 @@ class MPISNet(nn.Module):
             v = membranes.get(name)
             if v is None:
                 v = self.initial_potential(name, current)
-                if in_place:  # a membrane of its own, in the current's memory layout
-                    v = torch.empty_like(current).copy_(v)
+                if in_place:  # a membrane of its own, in the current's memory layout, never below float32
+                    v = torch.empty_like(current, dtype=torch.promote_types(current.dtype, torch.float32)).copy_(v)
             if in_place:
                 spikes, membranes[name] = neuron_step_(current, v, self.neuron)
             else:
