@@ -101,7 +101,8 @@ def main() -> None:
                     print(f"{label:<9} {steps:>4} {old:>14.3f} {new:>13.3f} {epoch:>12.1f} m {new / old:>13.2f}")
             for steps in args.T:
                 for label in ("mpis", "mpis+bf16"):
-                    print(f"{label}/bptt time per step (after), T = {steps}: {after[label, steps] / after['bptt', steps]:.2f}")
+                    ratio = after[label, steps] / after["bptt", steps]
+                    print(f"{label}/bptt time per step (after), T = {steps}: {ratio:.2f}")
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], capture_output=True)
 
