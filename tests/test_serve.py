@@ -317,7 +317,14 @@ def test_bounded_concurrent_load_has_no_failures(server, session):
 
 def test_cli_serves_until_interrupted(repo):
     command = [sys.executable, "-m", "mpis", "serve", str(repo), "--port", "0", "--no-batching"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C as a terminal delivers it, even when this test runs in a background job that ignores SIGINT
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith("serving on http://127.0.0.1:") and "digits v1 (onnxruntime_onnx" in line
