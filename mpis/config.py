@@ -73,6 +73,11 @@ class SolverConfig:
         "weight of the Jacobian penalty ‖J_f(r*)‖²_F/dim (Hutchinson, one vector): a more contractive loop "
         "settles in fewer spike steps and amplifies spike-count errors less",
     )
+    jac_reg_warmup: float = _opt(
+        0.0,
+        "epochs over which the Jacobian penalty's weight rises linearly from 0 to --jac-reg: at initialisation "
+        "the penalty is 100x the task loss and would otherwise spend the high-learning-rate phase on it alone",
+    )
 
     def validate(self) -> None:
         for name in ("T", "b_max_iter", "phantom_steps"):
@@ -82,6 +87,8 @@ class SolverConfig:
             raise MpisError(f"--phantom-tau must be in (0, 1], got {self.phantom_tau}")
         if not self.jac_reg >= 0.0:
             raise MpisError(f"--jac-reg must be >= 0, got {self.jac_reg}")
+        if not self.jac_reg_warmup >= 0.0:
+            raise MpisError(f"--jac-reg-warmup must be >= 0 epochs, got {self.jac_reg_warmup}")
 
 
 @dataclass

@@ -42,6 +42,15 @@ def test_train_with_jac_reg_records_the_loop_jacobian_estimate(tmp_path):
     assert load_checkpoint(tmp_path / "reg" / "model.pt").solver_cfg.jac_reg == 1.0
 
 
+def test_jac_reg_warmup_ramps_the_penalty_weight_in_linearly(tmp_path):
+    args = ("--jac-reg", "2", "--jac-reg-warmup", "4", "--epochs", "2")
+    assert train_tiny(tmp_path / "ramp", *args) == 0
+    epochs = [json.loads(line) for line in (tmp_path / "ramp" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["jac_reg_weight"] for e in epochs] == [0.5, 1.0]
+    assert train_tiny(tmp_path / "flat", "--jac-reg", "2") == 0
+    assert json.loads((tmp_path / "flat" / "metrics.jsonl").read_text())["jac_reg_weight"] == 2.0
+
+
 def test_same_seed_gives_the_same_weights_on_cpu(tmp_path):
     train_tiny(tmp_path / "a", "--device", "cpu")
     train_tiny(tmp_path / "b", "--device", "cpu")
@@ -69,6 +78,7 @@ def test_train_refuses_to_overwrite_an_earlier_run(tmp_path, capsys):
         (["--T", "ten"], "invalid int value"),
         (["--lr", "-1"], "--lr must be > 0"),
         (["--jac-reg", "-0.5"], "--jac-reg must be >= 0"),
+        (["--jac-reg-warmup", "-1"], "--jac-reg-warmup must be >= 0 epochs"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
         (["--bogus-flag"], "unrecognized arguments"),
         (["--preset", "imagenet"], "invalid choice: 'imagenet'"),

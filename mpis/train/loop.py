@@ -92,6 +92,13 @@ class Distributed:
         return self.rank == 0
 
 
+def jac_reg_weight(solver_cfg: SolverConfig, epochs_done: float) -> float:
+    """The Jacobian penalty's weight after `epochs_done` epochs: --jac-reg, ramped in over --jac-reg-warmup."""
+    if solver_cfg.jac_reg_warmup <= 0.0:
+        return solver_cfg.jac_reg
+    return solver_cfg.jac_reg * min(1.0, epochs_done / solver_cfg.jac_reg_warmup)
+
+
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise MpisError(f"--out {out} exists and is not a folder")
@@ -181,6 +188,7 @@ def _train(
         unit="step",
         mininterval=0.2 if sys.stderr.isatty() else 10,  # a log file gets a line every 10 s, not a stream
     )
+    steps_done = 0
     for epoch in range(1, train_cfg.epochs + 1):
         trained.train()
         sampler.set_epoch(epoch)
@@ -195,11 +203,12 @@ def _train(
             loss = spiking_loss(train_cfg.loss, outputs, y, train_cfg.label_smoothing)
             jacobian = None if info is None else info.jacobian
             if jacobian is not None:
-                loss = loss + solver_cfg.jac_reg * jacobian
+                loss = loss + jac_reg_weight(solver_cfg, steps_done / len(train_loader)) * jacobian
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+            steps_done += 1
             if not torch.isfinite(loss):
                 raise MpisError(f"training diverged at epoch {epoch} (loss {loss.item()}); lower --lr")
             with torch.no_grad():
@@ -226,6 +235,7 @@ def _train(
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             "residual": float(totals[3] / totals[2]) if train_cfg.method == "mpis" else None,
             "jacobian": float(totals[4] / totals[2]) if solver_cfg.jac_reg > 0 else None,
+            "jac_reg_weight": jac_reg_weight(solver_cfg, steps_done / len(train_loader)),
             "lr": schedule.get_last_lr()[0],
         }
         lines.append(json.dumps(metrics))
