@@ -28,7 +28,17 @@ PRESETS: dict[str, Preset] = {
     "fashion-mnist": Preset(
         "fashion-mnist",
         "16C3S1-2F1*(32C3S2-48C3S1)-FC10",
-        {"T": 30, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "epochs": 7, "weight_decay": 5e-4},
+        {
+            "T": 30,
+            "batch_size": 128,
+            "optimizer": "adamw",
+            "lr": 2e-3,
+            "epochs": 12,
+            "weight_decay": 1e-4,
+            "jac_reg": 1.0,
+            "jac_reg_warmup": 3.0,
+            "solve_dtype": "bfloat16",
+        },
         "93.14 % at T = 30 (133K net; BPTT 89.60 %)",
         0.9314,
         OURS,
