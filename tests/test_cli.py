@@ -152,12 +152,12 @@ def test_a_preset_sets_the_papers_settings_and_flags_given_win():
         "16C3S1-2F1*(32C3S2-48C3S1)-FC10",
         "fashion-mnist",
         30,
-        256,
-        "sgd",
+        128,
+        "adamw",
     )
-    assert args.epochs == preset.settings["epochs"]
-    args = parse_args(["train", "--preset", "fashion-mnist", "--out", "x", "--T", "100", "--optimizer", "adamw"])
-    assert (args.T, args.optimizer, args.batch_size) == (100, "adamw", 256)
+    assert args.epochs == preset.settings["epochs"] and args.jac_reg_warmup == 3.0
+    args = parse_args(["train", "--preset", "fashion-mnist", "--out", "x", "--T", "100", "--optimizer", "sgd"])
+    assert (args.T, args.optimizer, args.batch_size) == (100, "sgd", 128)
     assert parse_args(["train", "--out", "x"]).T == 30 and parse_args(["train", "--out", "x"]).batch_size == 64
 
 
