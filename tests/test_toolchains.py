@@ -199,6 +199,8 @@ def test_check_toolchain_reports_identity_and_agreement_and_names_what_cannot_ru
     assert Path(rows["norse"]["file"]).is_file()
     assert rows["spyx"]["status"].startswith("no mpis export") and rows["spyx"]["identical"] is None
     for other in ("sinabs", "snntorch"):  # more importers compared with one mpis run, where installed
+        if other not in rows:  # sinabs is asked for only where its own interpreter exists
+            continue
         if rows[other]["status"] == "ran":
             assert rows[other]["identical"] == 1.0 and rows[other]["agreement_mpis"] == 1.0
         else:
