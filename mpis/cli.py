@@ -24,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 LAYOUT_HELP = (
-    "graph: run every node as written (nirtorch's spikes, bit for bit; any NIR file); native: run an mpis exact "
+    "graph: run every node as written (any NIR file; inputs summed in name order, so the same spikes in "
+    "every process); native: run an mpis exact "
     "export layer by layer in native layout, with the model's FLOPs, 4-46x faster (float32 spikes differ only by "
     "rounding) (default graph)"
 )
@@ -174,7 +175,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _export_nir(ckpt, args: argparse.Namespace) -> None:
-    from mpis.export.nir import default_nir_v_init, export_nir
+    from mpis.export.nir import export_nir
+    from mpis.model.deployed import default_nir_v_init
 
     if args.target != "nirtorch":
         _export_toolchain_nir(ckpt, args)
@@ -206,8 +208,8 @@ def _export_nir(ckpt, args: argparse.Namespace) -> None:
 
 
 def _export_toolchain_nir(ckpt, args: argparse.Namespace) -> None:
-    from mpis.export.nir import default_nir_v_init
     from mpis.export.toolchains import NEURON_RECIPES, export_toolchain_nir
+    from mpis.model.deployed import default_nir_v_init
 
     if args.flavour != "exact":
         raise MpisError(

@@ -107,6 +107,13 @@ class TrainConfig:
     lr: float = _opt(2e-3, "peak learning rate (cosine schedule)")
     optimizer: str = _opt("adamw", "optimizer", ("adamw", "sgd"))
     weight_decay: float = _opt(1e-4, "weight decay (not applied to BN and biases)")
+    train_limit: int = _opt(0, "train on the first N training examples only (0: all; for quick experiments)")
+    test_limit: int = _opt(0, "test on the first N test examples only (0: all)")
+    deployed_limit: int = _opt(
+        2000,
+        "test examples on which each epoch also scores the model as it ships: the ONNX rate graph and the "
+        "spiking network at T from the exported v_init (0: all)",
+    )
     seed: int = _opt(0, "random seed (same seed, same result on CPU)")
     device: str = _opt("auto", "torch device: auto (CUDA when available), cpu, cuda, cuda:1, ...")
 
@@ -114,6 +121,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise MpisError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_limit", "test_limit", "deployed_limit"):
+            if getattr(self, name) < 0:
+                raise MpisError(f"--{name.replace('_', '-')} must be >= 0 (0: all), got {getattr(self, name)}")
         if not self.lr > 0:
             raise MpisError(f"--lr must be > 0, got {self.lr}")
         if not 0.0 <= self.label_smoothing < 1.0:

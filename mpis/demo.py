@@ -51,9 +51,10 @@ def _run_demo(
     from mpis.check.run import check
     from mpis.config import ModelConfig, SolverConfig, TrainConfig
     from mpis.export import DEFAULT_MAX_PARAM_GROWTH
-    from mpis.export.nir import default_nir_v_init, export_nir
+    from mpis.export.nir import export_nir
     from mpis.export.onnx import INPUT_NAME, LOGITS_NAME, export_onnx
     from mpis.export.triton import write_triton_repo
+    from mpis.model.deployed import default_nir_v_init
     from mpis.train.checkpoint import load_checkpoint
     from mpis.train.data import load_dataset
     from mpis.train.loop import train

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import nir
 import numpy as np
 import pytest
@@ -96,7 +100,7 @@ def test_same_spikes_and_logits_as_nirtorch_on_an_exported_mpis_graph(tmp_path, 
         tmp_path, contractive_net() if leak == 1.0 else MPISNet(TINY_ARCH, (1, 8, 8), leak=leak)
     )
     x = torch.rand(batch, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    result = compile_graph(graph).run(x, 12)
+    result = compile_graph(graph, sum_order="nirtorch").run(x, 12)
     logits, counts = run_nirtorch(graph, x, 12)
     assert set(counts) == set(result.spike_counts) and len(counts) > len(net.neurons)
     for name, count in counts.items():
@@ -278,3 +282,36 @@ def test_burn_in_counts_only_the_steps_after_it(tmp_path):
     assert sum(int(c.sum()) for c in after.spike_counts.values()) > 0
     with pytest.raises(MpisError, match="burn-in"):
         program.run(x, 8, burn_in=-1)
+
+
+def test_same_file_gives_the_same_spikes_in_every_process(tmp_path):
+    # Three currents whose float32 sum depends on the order of the additions: (1e8 - 1e8) + 1 = 1, but
+    # (1e8 + 1) - 1e8 = 0. nirtorch adds them in the order of a set (string hashing, per process); the
+    # runtime adds them by name, so every process fires every step.
+    nodes = {
+        name: nir.Affine(weight=np.array([[w]], np.float32), bias=np.zeros(1, np.float32))
+        for name, w in (("a_big", 1e8), ("b_minus_big", -1e8), ("c_one", 1.0))
+    }
+    nodes["d_if"] = nir.IF(r=ones(1), v_threshold=0.5 * ones(1), v_reset=0 * ones(1))
+    sums = [n for n in nodes if n != "d_if"]
+    nodes |= {"input": nir.Input(input_type={"input": np.array([1])})}
+    nodes |= {"output": nir.Output(output_type={"output": np.array([1])})}
+    edges = [("input", n) for n in sums] + [(n, "d_if") for n in sums] + [("d_if", "output")]
+    graph = nir.NIRGraph(nodes, edges)
+    path = tmp_path / "order.nir"
+    nir.write(path, graph)
+    script = (
+        "import sys, torch; from mpis.spike.simulate import compile_graph; "
+        "r = compile_graph(sys.argv[1]).run(torch.ones(1, 1), 10); print(int(r.spike_counts['d_if'].sum()))"
+    )
+    counts = {
+        subprocess.run(
+            [sys.executable, "-c", script, str(path)],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in range(6)
+    }
+    assert counts == {"10"}

@@ -428,16 +428,6 @@ class _Exporter:
                 node.threshold = (node.threshold - _np(missed)).astype(np.float32)
 
 
-def default_nir_v_init(net) -> float | None:
-    """The initial potential `mpis export --nir` writes by default: Vth/2 for IF neurons, which rounds the
-    rate instead of flooring it (mpis check on the digits net: mean |Δrate|·T 0.85 vs 1.40 at T = 100, all
-    layers; 0.09 vs 0.18 in the feed-forward stem); the model's own (None) for a learned IMP, which is part
-    of the rate map, and for LIF neurons, where an initial potential is no threshold shift."""
-    if len(net.imp) or net.neuron.leak != 1.0:
-        return None
-    return net.neuron.vth / 2
-
-
 def _param_count(nodes: dict) -> int:
     return sum(n.weight.size + n.bias.size for n in nodes.values() if hasattr(n, "weight") and hasattr(n, "bias"))
 

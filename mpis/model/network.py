@@ -150,12 +150,16 @@ class MPISNet(nn.Module):
         values = self._walk(self.loop_nodes, dict(explicit), state, self.rate_fire(masks or {}, horizon), bn)
         return {name: values[name] for name in self.graph.state}
 
-    def rate_iterations(self, x: Tensor, iterations: int, horizon: int | None = None) -> Values:
+    def rate_iterations(
+        self, x: Tensor, iterations: int, horizon: int | None = None, start: Values | None = None
+    ) -> Values:
         """Every node's rate after `iterations` plain iterations from the zero state (eval-mode map):
         the graph that ONNX export unrolls and the spike runtime is checked against. `horizon`: the T
-        over which a learned initial potential is spread (as in training), if the net has one."""
+        over which a learned initial potential is spread (as in training), if the net has one. `start`:
+        the stream outputs to iterate from instead of zeros (one more step from iterate K−1 measures how
+        far iterate K is from settling)."""
         values = self.explicit_rates(x, horizon=horizon)
-        state = self.zero_state(x.shape[0], x.device, x.dtype)
+        state = self.zero_state(x.shape[0], x.device, x.dtype) if start is None else start
         explicit = dict(values)
         for _ in range(iterations):
             values = self._walk(self.loop_nodes, dict(explicit), state, self.rate_fire({}, horizon), "running")

@@ -5,9 +5,11 @@ Time is discrete, dt = 1. Every node runs once per step, in the order nirtorch 2
 (`schedule`): nodes in the graph's order (`nir.read` sorts them by name), Input first, Output last; a
 node runs once each input is either computed this step, or is a *back-edge* (the node reaches that
 input's source through the graph) into a node with two or more inputs: that input is the source's
-output of the previous step (zeros at t = 0). A node's inputs are summed, in the order nirtorch sums
-them, so the two agree bit for bit within one process (for three or more inputs that order follows
-Python's string hashing, as nirtorch's does). The schedule is built once per graph; then each step
+output of the previous step (zeros at t = 0). A node's inputs are summed in the order of their names, so
+that the same file gives the same spikes in every process. nirtorch sums three or more inputs in the order
+of a Python set of edges, which follows the process's string hashing (PYTHONHASHSEED); `sum_order=
+"nirtorch"` replays that order, for a bit-for-bit cross-check against nirtorch in the same process. The
+schedule is built once per graph; then each step
 runs one vectorised op per node over the whole batch; nodes whose value cannot change over time
 (linear maps of a constant input) run once.
 """
@@ -61,11 +63,18 @@ def _reachable(start: str, successors: dict[str, list[str]]) -> set[str]:
     return seen
 
 
-def schedule(graph) -> tuple[str, tuple[Step, ...], str]:
+SUM_ORDERS = ("sorted", "nirtorch")
+
+
+def schedule(graph, sum_order: str = "sorted") -> tuple[str, tuple[Step, ...], str]:
     """(Input node, the steps of every other node in execution order, Output node), as nirtorch 2.6's
     `_construct_fx_graph` orders them (module docstring); a cycle without a node that sums two or more
-    inputs cannot be ordered and is an error."""
+    inputs cannot be ordered and is an error. Each step's inputs are in `sum_order`: by name, or as this
+    process's nirtorch sums them."""
     import nir
+
+    if sum_order not in SUM_ORDERS:
+        raise MpisError(f"unknown summation order {sum_order!r}; choose one of {', '.join(SUM_ORDERS)}")
 
     names = list(graph.nodes)
     inputs = [n for n in names if isinstance(graph.nodes[n], nir.Input)]
@@ -79,6 +88,8 @@ def schedule(graph) -> tuple[str, tuple[Step, ...], str]:
     sanitized = [(_sanitize(str(a)), _sanitize(str(b))) for a, b in graph.edges]  # nirtorch's edge list, in order
 
     def summation_order(name: str) -> list[str]:
+        if sum_order == "sorted":
+            return sorted(sources[name])
         # nirtorch iterates a set of (source, target) edges: replay it for the same order of the sum
         target = _sanitize(name)
         return [original[a] for a, _ in set(filter(lambda edge: edge[1] == target, sanitized))]
@@ -234,10 +245,15 @@ class Program:
 
 
 def compile_program(
-    graph, device: str | torch.device = "cpu", reset: str | None = None, dtype: torch.dtype = torch.float32
+    graph,
+    device: str | torch.device = "cpu",
+    reset: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    sum_order: str = "sorted",
 ) -> Program:
     """Compile a NIR graph for `device` and `dtype`; `reset` overrides every IF/LIF node's reset mode
-    (`subtract` or `zero`, default: each node's metadata, else the NIR spec's reset to v_reset)."""
+    (`subtract` or `zero`, default: each node's metadata, else the NIR spec's reset to v_reset);
+    `sum_order` as `schedule`'s."""
     if reset is not None and reset not in RESETS:
         raise MpisError(f"unknown reset {reset!r}; choose one of {', '.join(RESETS)}")
     device = _device(device)
@@ -250,7 +266,7 @@ def compile_program(
         listed = ", ".join(f"{kind} (node {where[kind]!r})" for kind in unsupported)
         raise MpisError(f"unsupported NIR node type(s): {listed}; this runtime simulates {', '.join(SUPPORTED)}")
 
-    input_node, steps, output_node = schedule(graph)
+    input_node, steps, output_node = schedule(graph, sum_order)
     sources, targets = edges(graph)
     neurons = find_neurons(graph, sources, targets)
     fused = {n.threshold for n in neurons.values()} | {s for n in neurons.values() for s in n.feedback}

@@ -1,5 +1,5 @@
 """Simulating an exported spiking graph: `compile_graph` picks the layout (`graph_layout`: every node as
-written, nirtorch's spikes bit for bit; `native_layout`: an mpis `exact` export per layer, the model's
+written, the same spikes in every process; `native_layout`: an mpis `exact` export per layer, the model's
 FLOPs), `layer_counts` reads the spikes back per model layer, `evaluate` runs a dataset.
 """
 
@@ -42,11 +42,13 @@ def compile_graph(
     reset: str | None = None,
     dtype: torch.dtype = torch.float32,
     layout: str = "graph",
+    sum_order: str = "sorted",
 ) -> Program:
     """Compile a NIR graph (or a .nir file) for `device` and `dtype`; `reset` overrides every IF/LIF node's
     reset mode (`subtract` or `zero`, default: each node's metadata, else the NIR spec's reset to v_reset).
-    `layout`: `graph` runs every node as written (nirtorch's spikes, bit for bit); `native` runs an mpis
-    `exact` export per layer in native layout (`native_layout`: the model's FLOPs, static inputs)."""
+    `layout`: `graph` runs every node as written (the same spikes in every process; with `sum_order=
+    "nirtorch"`, nirtorch's bit for bit in this process); `native` runs an mpis `exact` export per layer in
+    native layout (`native_layout`: the model's FLOPs, static inputs)."""
     if isinstance(graph, str | Path):
         graph = read_nir(graph)
     target = getattr(graph, "metadata", {}).get("target", "nirtorch")
@@ -61,7 +63,7 @@ def compile_graph(
         raise MpisError(
             "this file is in the ghost layout (odd map sizes: its convs are the model's own); use --layout graph"
         )
-    program = compile_program(graph, device, reset, dtype)
+    program = compile_program(graph, device, reset, dtype, sum_order)
     if layout == "native":
         try:
             program.native = compile_native(program)

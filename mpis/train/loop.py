@@ -17,11 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from mpis.config import ModelConfig, SolverConfig, TrainConfig, check_choices
 from mpis.errors import MpisError
+from mpis.model.deployed import DeployedScores, score_deployed
 from mpis.train.checkpoint import atomic_write, save_checkpoint
 from mpis.train.data import load_dataset
 from mpis.train.losses import readout, spiking_loss
@@ -72,6 +73,21 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, loss_ki
         correct += int((readout(loss_kind, outputs).argmax(1).cpu() == y).sum())
         total += len(y)
     return correct / max(total, 1)
+
+
+def first(dataset: Dataset, limit: int) -> Dataset:
+    """The first `limit` examples (0: all): a fixed subset, the same in every epoch and run."""
+    return dataset if limit <= 0 or limit >= len(dataset) else Subset(dataset, range(limit))
+
+
+def evaluate_deployed(
+    model: nn.Module, loader: DataLoader, device: torch.device, solver_cfg: SolverConfig
+) -> DeployedScores:
+    """The test inputs through the two forms that ship: `mpis export`'s ONNX rate graph (K = T iterations
+    from zero) and its NIR spiking network (T steps from the exported v_init)."""
+    model.eval()
+    batches = ((on_device(x, device), y) for x, y in loader)
+    return score_deployed(model.net, batches, solver_cfg.T, solver_cfg.T, horizon=solver_cfg.T)
 
 
 @dataclass
@@ -163,9 +179,13 @@ def _train(
     trained = DistributedDataParallel(model) if ddp.world > 1 else model
     # The same sampler with one replica or K: K processes with batch B see exactly the batches of size K·B
     # that one process sees, so a torchrun job reproduces a single-process run.
-    sampler = DistributedSampler(data.train, ddp.world, ddp.rank, shuffle=True, seed=train_cfg.seed)
-    train_loader = DataLoader(data.train, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True)
-    test_loader = DataLoader(data.test, batch_size=max(train_cfg.batch_size, 256))
+    train_set, test_set = first(data.train, train_cfg.train_limit), first(data.test, train_cfg.test_limit)
+    sampler = DistributedSampler(train_set, ddp.world, ddp.rank, shuffle=True, seed=train_cfg.seed)
+    train_loader = DataLoader(train_set, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True)
+    if len(train_loader) == 0:
+        raise MpisError(f"{len(train_set)} training examples make no batch of --batch-size {train_cfg.batch_size}")
+    test_loader = DataLoader(test_set, batch_size=max(train_cfg.batch_size, 256))
+    deployed_loader = DataLoader(first(test_set, train_cfg.deployed_limit), batch_size=max(train_cfg.batch_size, 256))
     if train_cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr)
     else:
@@ -225,6 +245,7 @@ def _train(
             dist.barrier()
             continue
         test_acc = evaluate(model, test_loader, device, train_cfg.loss)
+        deployed = evaluate_deployed(model, deployed_loader, device, solver_cfg)
         metrics = {
             "epoch": epoch,
             "method": train_cfg.method,
@@ -237,6 +258,7 @@ def _train(
             "jacobian": float(totals[4] / totals[2]) if solver_cfg.jac_reg > 0 else None,
             "jac_reg_weight": jac_reg_weight(solver_cfg, steps_done / len(train_loader)),
             "lr": schedule.get_last_lr()[0],
+            **deployed.metrics(),
         }
         lines.append(json.dumps(metrics))
         atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
@@ -245,7 +267,9 @@ def _train(
             left = (train_cfg.epochs - epoch) * (time.perf_counter() - begun) / epoch
             bar.write(
                 f"epoch {epoch}/{train_cfg.epochs}: loss {metrics['loss']:.4f}  train {metrics['train_acc']:.4f}  "
-                f"test {test_acc:.4f}  {seconds:.1f}s" + (f"  (about {_minutes(left)} left)" if left else ""),
+                f"test {test_acc:.4f}  {seconds:.1f}s"
+                + (f"  (about {_minutes(left)} left)" if left else "")
+                + f"\n  {deployed.summary()}",
                 file=sys.stderr,
             )
         if ddp.world > 1:
