@@ -105,6 +105,7 @@ def _export(args: argparse.Namespace) -> int:
 
     import torch
 
+    from mpis.export.faithful import check_faithful
     from mpis.export.onnx import INPUT_NAME, LOGITS_NAME, export_onnx
     from mpis.train.checkpoint import atomic_write, load_checkpoint
     from mpis.train.data import load_dataset
@@ -119,19 +120,32 @@ def _export(args: argparse.Namespace) -> int:
         from mpis.export.tensorrt import require_tensorrt
 
         require_tensorrt()  # fail before the slow ONNX export, not after
+    if args.iters is not None and args.iters < 1:
+        raise MpisError(f"--iters must be >= 1, got {args.iters}")
     ckpt = load_checkpoint(args.checkpoint)
+    iterations = ckpt.solver_cfg.T if args.iters is None else args.iters
+    try:  # checked on real test images when the dataset is at hand, else on random inputs
+        test = load_dataset(ckpt.train_cfg.dataset, ckpt.train_cfg.data_dir, frames=ckpt.solver_cfg.T).test
+        count = min(args.batch, len(test))
+        inputs = torch.stack([test[i][0] for i in range(count)])
+        labels = torch.tensor([int(test[i][1]) for i in range(count)])
+    except MpisError:
+        inputs = torch.rand(args.batch, *ckpt.input_shape, generator=torch.Generator().manual_seed(0))
+        labels = None
+    check_faithful(
+        ckpt,
+        inputs,
+        labels,
+        iterations,
+        _spiking_v_init(ckpt, args) if args.nir else False,
+        args.allow_unsettled,
+        say=lambda line: print(line, flush=True),
+    )
     if args.nir:
         _export_nir(ckpt, args)
     if args.onnx is None and args.triton_repo is None and args.trt is None:
         return 0
-    iterations = ckpt.solver_cfg.T if args.iters is None else args.iters
-    try:  # parity is checked on real test images when the dataset is at hand, else on random inputs
-        test = load_dataset(ckpt.train_cfg.dataset, ckpt.train_cfg.data_dir, frames=ckpt.solver_cfg.T).test
-        sample = torch.stack([test[i][0] for i in range(min(args.batch, len(test)))])
-    except MpisError:
-        sample = torch.rand(args.batch, *ckpt.input_shape, generator=torch.Generator().manual_seed(0))
-    if sample.dim() == 5:  # event frames drive the rate graph with their mean
-        sample = sample.mean(1)
+    sample = inputs.mean(1) if inputs.dim() == 5 else inputs  # event frames drive the rate graph with their mean
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = Path(args.onnx) if args.onnx else Path(scratch) / "model.onnx"
         target = onnx_path if args.onnx else "a temporary file (no --onnx given)"
@@ -174,9 +188,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spiking_v_init(ckpt, args: argparse.Namespace) -> float | None:
+    """The initial potential the NIR file will hold: --v-init, else the default (Vth/2 for IF neurons)."""
+    from mpis.model.deployed import default_nir_v_init
+
+    return default_nir_v_init(ckpt.net) if args.v_init is None else args.v_init
+
+
 def _export_nir(ckpt, args: argparse.Namespace) -> None:
     from mpis.export.nir import export_nir
-    from mpis.model.deployed import default_nir_v_init
 
     if args.target != "nirtorch":
         _export_toolchain_nir(ckpt, args)
@@ -188,7 +208,7 @@ def _export_nir(ckpt, args: argparse.Namespace) -> None:
         ckpt.net,
         Path(args.nir),
         args.flavour,
-        default_nir_v_init(ckpt.net) if args.v_init is None else args.v_init,
+        _spiking_v_init(ckpt, args),
         ckpt.solver_cfg.T,
         ckpt.train_cfg.dataset,
         args.overwrite,
@@ -209,13 +229,12 @@ def _export_nir(ckpt, args: argparse.Namespace) -> None:
 
 def _export_toolchain_nir(ckpt, args: argparse.Namespace) -> None:
     from mpis.export.toolchains import NEURON_RECIPES, export_toolchain_nir
-    from mpis.model.deployed import default_nir_v_init
 
     if args.flavour != "exact":
         raise MpisError(
             f"--flavour {args.flavour} is for --target nirtorch; --target {args.target} has its own neurons"
         )
-    v_init = default_nir_v_init(ckpt.net) if args.v_init is None else args.v_init
+    v_init = _spiking_v_init(ckpt, args)
     print(f"exporting the spiking graph for {args.target}'s importer to {args.nir} ...", flush=True)
     result = export_toolchain_nir(
         ckpt.net, Path(args.nir), args.target, v_init, ckpt.solver_cfg.T, args.weight_bits, args.overwrite
@@ -382,6 +401,12 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_MAX_PARAM_GROWTH,
         help="refuse a NIR graph with more than this many times the model's parameters (default %(default)g)",
+    )
+    export.add_argument(
+        "--allow-unsettled",
+        action="store_true",
+        help="export even when the rate graph has not settled after K iterations or the spiking network "
+        "disagrees with it (refused by default: the files would not be the model that was trained)",
     )
     export.add_argument("--overwrite", action="store_true", help="replace existing output files")
     export.set_defaults(run=_export)

@@ -55,7 +55,7 @@ def test_without_a_polyphase_path_the_spikes_are_identical_in_float32():
 def test_trained_checkpoint_exports_a_type_checked_file_that_spikes_like_the_model(checkpoint, tmp_path):
     path = tmp_path / "model.nir"
     # the model simulates from its own v_init 0; the export's default is Vth/2 (default_nir_v_init)
-    assert main(["export", str(checkpoint), "--nir", str(path), "--v-init", "0"]) == 0
+    assert main(["export", str(checkpoint), "--allow-unsettled", "--nir", str(path), "--v-init", "0"]) == 0
     graph = read_nir(path)  # nir.read with type checking
     assert graph.metadata["arch"] == str(parse_arch(TINY_ARCH)) and graph.metadata["flavour"] == "exact"
     assert int(graph.metadata["T"]) == 5
@@ -143,6 +143,6 @@ def test_odd_map_sizes_export_in_the_ghost_layout_with_the_models_spikes():
 def test_cli_refuses_to_overwrite_an_existing_file(checkpoint, tmp_path, capsys):
     path = tmp_path / "model.nir"
     path.write_text("keep me")
-    assert main(["export", str(checkpoint), "--nir", str(path)]) == 2
+    assert main(["export", str(checkpoint), "--allow-unsettled", "--nir", str(path)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert path.read_text() == "keep me"

@@ -27,7 +27,7 @@ def test_images():
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    assert main(["export", str(checkpoint), "--onnx", str(path), "--with-rates"]) == 0
+    assert main(["export", str(checkpoint), "--allow-unsettled", "--onnx", str(path), "--with-rates"]) == 0
     return path
 
 
@@ -81,7 +81,7 @@ def test_iteration_count_defaults_to_T_and_can_be_overridden(checkpoint, tmp_pat
     ],
 )
 def test_bad_export_requests_fail_with_one_line(checkpoint, tmp_path, capsys, extra, words):
-    args = ["export", str(checkpoint), "--onnx", str(tmp_path / "m.onnx"), *extra]
+    args = ["export", str(checkpoint), "--allow-unsettled", "--onnx", str(tmp_path / "m.onnx"), *extra]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0]

@@ -10,8 +10,8 @@ from mpis.cli import main
 
 def test_triton_repository_config_parses_as_triton_model_config(checkpoint, tmp_path):
     repo = tmp_path / "repo"
-    args = ["export", str(checkpoint), "--triton-repo", str(repo), "--name", "digits", "--with-rates",
-            "--max-batch-size", "64"]  # fmt: skip
+    args = ["export", str(checkpoint), "--allow-unsettled", "--triton-repo", str(repo), "--name", "digits",
+            "--with-rates", "--max-batch-size", "64"]  # fmt: skip
     assert main(args) == 0
     assert (repo / "digits" / "1" / "model.onnx").is_file()
     config = text_format.Parse((repo / "digits" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
@@ -27,13 +27,15 @@ def test_triton_repository_config_parses_as_triton_model_config(checkpoint, tmp_
 def test_existing_triton_model_is_kept(checkpoint, tmp_path, capsys):
     (tmp_path / "repo" / "mpis").mkdir(parents=True)
     (tmp_path / "repo" / "mpis" / "mine.txt").write_text("keep")
-    assert main(["export", str(checkpoint), "--triton-repo", str(tmp_path / "repo")]) == 2
+    assert main(["export", str(checkpoint), "--allow-unsettled", "--triton-repo", str(tmp_path / "repo")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "repo" / "mpis" / "mine.txt").read_text() == "keep"
 
 
 def test_bad_triton_model_name_is_refused(checkpoint, tmp_path, capsys):
-    assert main(["export", str(checkpoint), "--triton-repo", str(tmp_path), "--name", "a b/c"]) == 2
+    assert (
+        main(["export", str(checkpoint), "--allow-unsettled", "--triton-repo", str(tmp_path), "--name", "a b/c"]) == 2
+    )
     assert "--name" in capsys.readouterr().err
 
 
@@ -41,7 +43,7 @@ def test_bad_triton_model_name_is_refused(checkpoint, tmp_path, capsys):
     importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available(), reason="TensorRT is present"
 )
 def test_tensorrt_export_without_tensorrt_or_cuda_is_one_clear_line(checkpoint, tmp_path, capsys):
-    assert main(["export", str(checkpoint), "--trt", str(tmp_path / "m.plan")]) == 2
+    assert main(["export", str(checkpoint), "--allow-unsettled", "--trt", str(tmp_path / "m.plan")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("TensorRT is not installed" in err[0] or "CUDA" in err[0])
     assert not (tmp_path / "m.plan").exists()
@@ -52,5 +54,5 @@ def test_tensorrt_export_without_tensorrt_or_cuda_is_one_clear_line(checkpoint, 
 )
 def test_tensorrt_engine_matches_onnx_runtime(checkpoint, tmp_path):
     onnx_path, plan = tmp_path / "m.onnx", tmp_path / "m.plan"
-    assert main(["export", str(checkpoint), "--onnx", str(onnx_path), "--trt", str(plan)]) == 0
+    assert main(["export", str(checkpoint), "--allow-unsettled", "--onnx", str(onnx_path), "--trt", str(plan)]) == 0
     assert main(["infer", "--engine", str(plan), "--onnx", str(onnx_path), "--tolerance", "1e-4"]) == 0

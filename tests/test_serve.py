@@ -36,8 +36,8 @@ TENSORRT_READY = importlib.util.find_spec("tensorrt") is not None and torch.cuda
 def repo(checkpoint, tmp_path_factory):
     """REPO/digits from `mpis export --triton-repo` (logits and the rates of every layer)."""
     repo = tmp_path_factory.mktemp("serve") / "repo"
-    args = ["export", str(checkpoint), "--triton-repo", str(repo), "--name", "digits", "--with-rates",
-            "--max-batch-size", str(MAX_BATCH), "--batch", "8"]  # fmt: skip
+    args = ["export", str(checkpoint), "--allow-unsettled", "--triton-repo", str(repo), "--name", "digits",
+            "--with-rates", "--max-batch-size", str(MAX_BATCH), "--batch", "8"]  # fmt: skip
     assert main(args) == 0
     return repo
 
@@ -451,7 +451,9 @@ def readme_client_snippet() -> str:
 
 def test_the_readmes_client_snippet_runs_against_mpis_serve(checkpoint, tmp_path):
     repo = tmp_path / "triton"
-    assert main(["export", str(checkpoint), "--triton-repo", str(repo), "--batch", "8"]) == 0  # model "mpis"
+    assert (
+        main(["export", str(checkpoint), "--allow-unsettled", "--triton-repo", str(repo), "--batch", "8"]) == 0
+    )  # model "mpis"
     snippet = readme_client_snippet()
     assert '"127.0.0.1:8000"' in snippet
     printed = io.StringIO()

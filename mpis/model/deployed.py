@@ -37,10 +37,10 @@ def default_nir_v_init(net: MPISNet) -> float | None:
 def rate_graph(folded: MPISNet, x: Tensor, iterations: int, horizon: int | None) -> tuple[Tensor, Tensor]:
     """Logits of the exported rate graph (K iterations from zero) and, per input, the mean |r_K − r_{K−1}|
     over every neuron: how far the graph is from its fixed point when it stops."""
-    before = folded.rate_iterations(x, iterations - 1, horizon)
-    state = {name: before[name] for name in folded.graph.state}
-    last = folded.rate_iterations(x, 1, horizon, start=state)
-    deltas = [(last[n.name] - before[n.name]).abs().flatten(1) for n in folded.neurons]
+    before = folded.rate_iterations(x, iterations - 1, horizon)  # K = 1: the zero state, loop rates 0
+    zero = folded.zero_state(x.shape[0], x.device, x.dtype)
+    last = folded.rate_iterations(x, 1, horizon, start={n: before.get(n, zero[n]) for n in folded.graph.state})
+    deltas = [(last[n.name] - before.get(n.name, 0.0)).abs().flatten(1) for n in folded.neurons]
     return folded.classify(last), torch.cat(deltas, dim=1).mean(dim=1)
 
 
