@@ -73,6 +73,11 @@ class SolverConfig:
         "weight of the Jacobian penalty ‖J_f(r*)‖²_F/dim (Hutchinson, one vector): a more contractive loop "
         "settles in fewer spike steps and amplifies spike-count errors less",
     )
+    jac_reg_every: int = _opt(
+        1,
+        "estimate the Jacobian penalty on every k-th training batch only, weighted k times (the same penalty on "
+        "average, 1/k of its double backward)",
+    )
     jac_reg_warmup: float = _opt(
         0.0,
         "epochs over which the Jacobian penalty's weight rises linearly from 0 to --jac-reg: at initialisation "
@@ -80,7 +85,7 @@ class SolverConfig:
     )
 
     def validate(self) -> None:
-        for name in ("T", "b_max_iter", "phantom_steps"):
+        for name in ("T", "b_max_iter", "phantom_steps", "jac_reg_every"):
             if getattr(self, name) < 1:
                 raise MpisError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.phantom_tau <= 1.0:

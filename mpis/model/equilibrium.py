@@ -56,7 +56,7 @@ def _from_channels_last(part: Tensor, shape: tuple[int, ...]) -> Tensor:
 @dataclass
 class SolveInfo:
     """Relative residual ‖f(r*) − r*‖ / ‖f(r*)‖ per sample, the forward iterations used, and (training with
-    --jac-reg) the differentiable estimate of ‖J_f(r*)‖²_F / dim."""
+    --jac-reg, on every --jac-reg-every-th batch) the differentiable estimate of ‖J_f(r*)‖²_F / dim."""
 
     residual: Tensor
     steps: int
@@ -71,6 +71,7 @@ class EquilibriumModel(nn.Module):
         self.net = net
         self.solver = solver
         self.horizon = solver.T  # the IMP's charge is spread over T steps in the rate form
+        self.penalised_forwards = 0  # training forwards so far: the penalty is estimated on every k-th
         self.layout = StateLayout(net.graph.state, tuple(net.graph.node(n).shape for n in net.graph.state))
         if solver.grad == "ift":
             self._gradient = backward_factory(
@@ -132,6 +133,8 @@ class EquilibriumModel(nn.Module):
             residual = (z_out - z_star).norm(dim=1) / (z_out.norm(dim=1) + 1e-9)
         jacobian = None
         if self.training and self.solver.jac_reg > 0 and torch.is_grad_enabled():
-            z = z_star.clone().requires_grad_()
-            jacobian = jac_reg(func(z), z)
+            self.penalised_forwards += 1
+            if (self.penalised_forwards - 1) % self.solver.jac_reg_every == 0:
+                z = z_star.clone().requires_grad_()
+                jacobian = jac_reg(func(z), z)
         return self.net.classify(self.layout.unpack(z_out)), SolveInfo(residual, steps, jacobian)

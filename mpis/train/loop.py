@@ -213,7 +213,7 @@ def _train(
         trained.train()
         sampler.set_epoch(epoch)
         start = time.perf_counter()
-        totals = torch.zeros(5, dtype=torch.float64)  # loss sum, correct, seen, residual sum, Jacobian sum
+        totals = torch.zeros(6, dtype=torch.float64)  # loss, correct, seen, residual, Jacobian sums; Jacobian seen
         bar.set_description(f"epoch {epoch}/{train_cfg.epochs}")
         for x, y in train_loader:
             x, y = on_device(x, device), y.to(device)
@@ -223,7 +223,8 @@ def _train(
             loss = spiking_loss(train_cfg.loss, outputs, y, train_cfg.label_smoothing)
             jacobian = None if info is None else info.jacobian
             if jacobian is not None:
-                loss = loss + jac_reg_weight(solver_cfg, steps_done / len(train_loader)) * jacobian
+                weight = jac_reg_weight(solver_cfg, steps_done / len(train_loader)) * solver_cfg.jac_reg_every
+                loss = loss + weight * jacobian
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -234,8 +235,9 @@ def _train(
             with torch.no_grad():
                 correct = (readout(train_cfg.loss, outputs).argmax(1) == y).sum()
                 res = 0.0 if info is None else float(info.residual.sum())
-                jac = 0.0 if jacobian is None else float(jacobian) * len(y)
-                totals += torch.tensor([loss.item() * len(y), float(correct), len(y), res, jac], dtype=torch.float64)
+                jac, jac_seen = (0.0, 0) if jacobian is None else (float(jacobian) * len(y), len(y))
+                sums = [loss.item() * len(y), float(correct), len(y), res, jac, jac_seen]
+                totals += torch.tensor(sums, dtype=torch.float64)
             bar.update()
             bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}", refresh=False)
         seconds = time.perf_counter() - start
@@ -255,7 +257,7 @@ def _train(
             "seconds": round(seconds, 3),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             "residual": float(totals[3] / totals[2]) if train_cfg.method == "mpis" else None,
-            "jacobian": float(totals[4] / totals[2]) if solver_cfg.jac_reg > 0 else None,
+            "jacobian": float(totals[4] / totals[5]) if totals[5] > 0 else None,
             "jac_reg_weight": jac_reg_weight(solver_cfg, steps_done / len(train_loader)),
             "lr": schedule.get_last_lr()[0],
             **deployed.metrics(),
