@@ -524,9 +524,11 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
         "demo", help="train on digits, export ONNX + NIR + Triton repository, check at T = 10, 30, 100"
     )
     demo.add_argument("--out", default="runs/demo", help="folder for every artifact (default runs/demo)")
-    demo.add_argument("--epochs", type=int, default=25, help="training epochs (default 25)")
     demo.add_argument(
-        "--jac-reg", type=float, default=2.0, help="Jacobian penalty weight, as mpis train --jac-reg (default 2)"
+        "--epochs", type=int, default=TrainConfig.epochs, help=f"training epochs (default {TrainConfig.epochs})"
+    )
+    demo.add_argument(
+        "--jac-reg", type=float, help="Jacobian penalty weight, as mpis train --jac-reg (default: mpis train's)"
     )
     demo.add_argument("--T", type=int, default=30, help="training time steps, also the ONNX export's K (default 30)")
     demo.add_argument("--check-T", default="10,30,100", help="T list of the check (default 10,30,100)")

@@ -69,9 +69,9 @@ class SolverConfig:
     phantom_steps: int = _opt(5, "unrolled steps of the phantom gradient")
     phantom_tau: float = _opt(0.8, "damping of the phantom gradient steps")
     jac_reg: float = _opt(
-        0.0,
-        "weight of the Jacobian penalty ‖J_f(r*)‖²_F/dim (Hutchinson, one vector): a more contractive loop "
-        "settles in fewer spike steps and amplifies spike-count errors less",
+        1.0,
+        "weight of the Jacobian penalty ‖J_f(r*)‖²_F/dim (Hutchinson, one vector): a contractive loop is what "
+        "makes the exported rate graph, the spiking network and the trained model one model (0: off)",
     )
     jac_reg_every: int = _opt(
         1,
@@ -79,7 +79,7 @@ class SolverConfig:
         "average, 1/k of its double backward)",
     )
     jac_reg_warmup: float = _opt(
-        0.0,
+        1.0,
         "epochs over which the Jacobian penalty's weight rises linearly from 0 to --jac-reg: at initialisation "
         "the penalty is 100x the task loss and would otherwise spend the high-learning-rate phase on it alone",
     )

@@ -1,10 +1,10 @@
 """`mpis demo`: the whole pipeline on the embedded digits set, in a few minutes on 2 CPU cores.
 
-Train (project defaults, digits, T = 30, with the Jacobian penalty --jac-reg 2 so the loop contracts and the
-spiking rates settle near the rate model's) -> export the ONNX rate graph with every layer's rates, the NIR
-spiking graph and a Triton model repository -> `mpis check` at T = 10, 30, 100 with v_init 0 and Vth/2
--> print where every artifact is. An existing --out is refused unless --overwrite is given (and then only
-the files the demo writes are replaced).
+Train (mpis train's defaults on digits: T = 30, 15 epochs, the Jacobian penalty that makes the loop contract
+so that the rate graph, the spiking network and the trained model agree) -> export the ONNX rate graph with
+every layer's rates, the NIR spiking graph and a Triton model repository -> `mpis check` at T = 10, 30, 100
+with v_init 0 and Vth/2 -> print where every artifact is. An existing --out is refused unless --overwrite is
+given (and then only the files the demo writes are replaced).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
+from mpis.config import TrainConfig
 from mpis.errors import MpisError
 
 DEMO_STEPS = (10, 30, 100)
 DEMO_V_INITS = "0,0.5vth"
-DEMO_EPOCHS = 25
-DEMO_JAC_REG = 2.0
+DEMO_EPOCHS = TrainConfig.epochs  # mpis train's defaults: what the demo shows is what a user gets
 DEMO_MINUTES = "6-14"  # measured with the defaults on two 2-core machines (README)
 
 
@@ -35,7 +35,7 @@ def run_demo(*args, threads: int = 1, **kwargs) -> tuple[list[str], object]:
 def _run_demo(
     out: Path,
     epochs: int = DEMO_EPOCHS,
-    jac_reg: float = DEMO_JAC_REG,
+    jac_reg: float | None = None,
     overwrite: bool = False,
     arch: str | None = None,
     limit: int | None = None,
@@ -49,7 +49,7 @@ def _run_demo(
     """Run every stage; return the lines to print (check table, artifact paths) and the check report."""
     from mpis.check.options import DEFAULT_MIN_AGREEMENT, CheckOptions
     from mpis.check.run import check
-    from mpis.config import ModelConfig, SolverConfig, TrainConfig
+    from mpis.config import ModelConfig, SolverConfig
     from mpis.export import DEFAULT_MAX_PARAM_GROWTH
     from mpis.export.nir import export_nir
     from mpis.export.onnx import INPUT_NAME, LOGITS_NAME, export_onnx
@@ -72,11 +72,11 @@ def _run_demo(
     if limit is not None and limit < 1:
         raise MpisError(f"--limit must be >= 1, got {limit}")
     model_cfg = ModelConfig() if arch is None else ModelConfig(arch=arch)
-    solver_cfg = SolverConfig(T=steps, jac_reg=jac_reg)
+    solver_cfg = SolverConfig(T=steps) if jac_reg is None else SolverConfig(T=steps, jac_reg=jac_reg)
     train_cfg = TrainConfig(dataset="digits", epochs=epochs, device="cpu", seed=seed)
     say = print if progress else (lambda *_: None)
     say(
-        f"[1/4] training {model_cfg.arch} on digits, T = {steps}, --jac-reg {jac_reg:g}, {epochs} epochs, "
+        f"[1/4] training {model_cfg.arch} on digits, T = {steps}, --jac-reg {solver_cfg.jac_reg:g}, {epochs} epochs, "
         f"seed {seed} -> {out} (the whole demo: about {DEMO_MINUTES} minutes on 2 idle cores)"
     )
     metrics = train(model_cfg, solver_cfg, train_cfg, out, overwrite, progress)
