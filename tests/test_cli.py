@@ -34,8 +34,8 @@ def test_train_writes_metrics_and_a_checkpoint_that_rebuilds_the_model(tmp_path)
     assert logits.shape == (5, 10) and torch.equal(logits, again)
 
 
-def test_train_with_jac_reg_records_the_loop_jacobian_estimate(tmp_path):
-    assert train_tiny(tmp_path / "plain") == 0 and train_tiny(tmp_path / "reg", "--jac-reg", "1") == 0
+def test_train_penalises_the_loop_jacobian_by_default_and_not_with_jac_reg_0(tmp_path):
+    assert train_tiny(tmp_path / "plain", "--jac-reg", "0") == 0 and train_tiny(tmp_path / "reg") == 0
     plain, reg = (json.loads((tmp_path / r / "metrics.jsonl").read_text()) for r in ("plain", "reg"))
     assert plain["jacobian"] is None
     assert reg["jacobian"] > 0
@@ -47,7 +47,7 @@ def test_jac_reg_warmup_ramps_the_penalty_weight_in_linearly(tmp_path):
     assert train_tiny(tmp_path / "ramp", *args) == 0
     epochs = [json.loads(line) for line in (tmp_path / "ramp" / "metrics.jsonl").read_text().splitlines()]
     assert [e["jac_reg_weight"] for e in epochs] == [0.5, 1.0]
-    assert train_tiny(tmp_path / "flat", "--jac-reg", "2") == 0
+    assert train_tiny(tmp_path / "flat", "--jac-reg", "2", "--jac-reg-warmup", "0") == 0
     assert json.loads((tmp_path / "flat" / "metrics.jsonl").read_text())["jac_reg_weight"] == 2.0
 
 

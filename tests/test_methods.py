@@ -83,12 +83,18 @@ def test_losses_on_a_hand_made_output():
 
 def test_jacobian_penalty_is_only_computed_when_training_with_jac_reg():
     x = torch.rand(4, *SHAPE)
-    plain = build_model(ModelConfig(arch=ARCH), SolverConfig(T=6), TrainConfig(), SHAPE).train()
+    plain = build_model(ModelConfig(arch=ARCH), SolverConfig(T=6, jac_reg=0.0), TrainConfig(), SHAPE).train()
     reg = build_model(ModelConfig(arch=ARCH), SolverConfig(T=6, jac_reg=1.0), TrainConfig(), SHAPE)
     assert plain(x)[1].jacobian is None
     assert reg.train()(x)[1].jacobian.requires_grad
     with torch.no_grad():
         assert reg.eval()(x)[1].jacobian is None
+
+
+def test_jac_reg_every_k_estimates_the_penalty_on_every_kth_training_batch():
+    x = torch.rand(4, *SHAPE)
+    model = build_model(ModelConfig(arch=ARCH), SolverConfig(T=6, jac_reg_every=2), TrainConfig(), SHAPE).train()
+    assert [model(x)[1].jacobian is not None for _ in range(5)] == [True, False, True, False, True]
 
 
 def test_descending_the_jacobian_penalty_makes_the_loop_contract():
