@@ -29,6 +29,7 @@ OPTIONS = {  # name -> mpis train flags
     "jac 0.5, warm-up 1": ["--jac-reg", "0.5", "--jac-reg-warmup", "1"],
     "jac 1, warm-up 1": ["--jac-reg", "1", "--jac-reg-warmup", "1"],
     "jac 2, no warm-up": ["--jac-reg", "2", "--jac-reg-warmup", "0"],
+    "jac 1, warm-up 1, every 4": ["--jac-reg", "1", "--jac-reg-warmup", "1", "--jac-reg-every", "4"],
 }
 
 
@@ -57,7 +58,7 @@ def score(run: Path, deployed: int, batch: int) -> dict:
     probe = EquilibriumModel(copy.deepcopy(ckpt.net), replace(ckpt.solver_cfg, jac_reg=1.0)).train()
     x = torch.stack([test[i][0] for i in range(min(batch, len(test)))])
     torch.manual_seed(0)
-    out["jacobian"] = float(probe(x)[1].jacobian)
+    out["jacobian"] = float(probe(x)[1].jacobian.detach())
     return out
 
 

@@ -46,7 +46,7 @@ PRESETS: dict[str, Preset] = {
     "mnist": Preset(
         "mnist",
         "16C3S1-2F1*(32C3S2-48C3S1)-FC10",
-        {"T": 30, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "epochs": 5, "weight_decay": 5e-4, "jac_reg": 2.0},
+        {"T": 30, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "epochs": 5, "weight_decay": 5e-4},
         "no MNIST row in the paper (the Fashion-MNIST net and settings)",
     ),
     "nmnist": Preset(
