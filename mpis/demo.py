@@ -20,7 +20,7 @@ from mpis.errors import MpisError
 DEMO_STEPS = (10, 30, 100)
 DEMO_V_INITS = "0,0.5vth"
 DEMO_EPOCHS = TrainConfig.epochs  # mpis train's defaults: what the demo shows is what a user gets
-DEMO_MINUTES = "4-8"  # 7.5 min measured with two other trainings on the 2 cores (README)
+DEMO_MINUTES = "4-8"  # 4.0 min idle, 7.5 min beside two other trainings, 2 cores (README)
 
 
 def run_demo(*args, threads: int = 1, **kwargs) -> tuple[list[str], object]:
