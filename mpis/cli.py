@@ -122,6 +122,7 @@ def _export(args: argparse.Namespace) -> int:
         require_tensorrt()  # fail before the slow ONNX export, not after
     if args.iters is not None and args.iters < 1:
         raise MpisError(f"--iters must be >= 1, got {args.iters}")
+    _refuse_before_work(args)
     ckpt = load_checkpoint(args.checkpoint)
     iterations = ckpt.solver_cfg.T if args.iters is None else args.iters
     try:  # checked on real test images when the dataset is at hand, else on random inputs
@@ -186,6 +187,24 @@ def _export(args: argparse.Namespace) -> int:
             )
             print("wrote Triton model(s): " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _refuse_before_work(args: argparse.Namespace) -> None:
+    """The refusals that need no model: an output that exists without --overwrite, a flavour the target has
+    no use for. They come before the seconds of scoring and the minutes of ONNX tracing."""
+    if args.nir and args.target != "nirtorch" and args.flavour != "exact":
+        raise MpisError(
+            f"--flavour {args.flavour} is for --target nirtorch; --target {args.target} has its own neurons"
+        )
+    if args.overwrite:
+        return
+    outputs = [(Path(p), "path") for p in (args.onnx, args.nir, args.trt) if p]
+    if args.triton_repo:
+        names = (args.name, *([f"{args.name}_trt"] if args.trt else []))
+        outputs += [(Path(args.triton_repo) / name, "--name") for name in names]
+    for path, what in outputs:
+        if path.exists():
+            raise MpisError(f"{path} already exists; choose another {what} or pass --overwrite")
 
 
 def _spiking_v_init(ckpt, args: argparse.Namespace) -> float | None:

@@ -143,6 +143,6 @@ def test_odd_map_sizes_export_in_the_ghost_layout_with_the_models_spikes():
 def test_cli_refuses_to_overwrite_an_existing_file(checkpoint, tmp_path, capsys):
     path = tmp_path / "model.nir"
     path.write_text("keep me")
-    assert main(["export", str(checkpoint), "--allow-unsettled", "--nir", str(path)]) == 2
+    assert main(["export", str(checkpoint), "--nir", str(path)]) == 2  # refused before any scoring
     assert "already exists" in capsys.readouterr().err
     assert path.read_text() == "keep me"

@@ -27,7 +27,7 @@ def test_triton_repository_config_parses_as_triton_model_config(checkpoint, tmp_
 def test_existing_triton_model_is_kept(checkpoint, tmp_path, capsys):
     (tmp_path / "repo" / "mpis").mkdir(parents=True)
     (tmp_path / "repo" / "mpis" / "mine.txt").write_text("keep")
-    assert main(["export", str(checkpoint), "--allow-unsettled", "--triton-repo", str(tmp_path / "repo")]) == 2
+    assert main(["export", str(checkpoint), "--triton-repo", str(tmp_path / "repo")]) == 2  # before any scoring
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "repo" / "mpis" / "mine.txt").read_text() == "keep"
 

@@ -160,22 +160,12 @@ def test_export_target_writes_a_file_the_reader_type_checks(checkpoint, tmp_path
     graph = nir.read(path)
     assert graph.metadata["target"] == "norse" and graph.metadata["weight_bits"] == 8
     assert set(graph.metadata["layers"]) == {n.name for n in load_checkpoint(checkpoint).net.neurons}
-    assert main(["export", str(checkpoint), "--allow-unsettled", "--nir", str(path), "--target", "norse"]) == 2
+    assert main(["export", str(checkpoint), "--nir", str(path), "--target", "norse"]) == 2  # before scoring
     assert "already exists" in one_error_line(capsys)
 
 
 def test_export_target_refuses_a_nirtorch_flavour(checkpoint, tmp_path, capsys):
-    args = [
-        "export",
-        str(checkpoint),
-        "--allow-unsettled",
-        "--nir",
-        str(tmp_path / "x.nir"),
-        "--target",
-        "norse",
-        "--flavour",
-        "compact",
-    ]
+    args = ["export", str(checkpoint), "--nir", str(tmp_path / "x.nir"), "--target", "norse", "--flavour", "compact"]
     assert main(args) == 2
     assert "--flavour compact is for --target nirtorch" in one_error_line(capsys)
     assert not (tmp_path / "x.nir").exists()

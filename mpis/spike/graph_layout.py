@@ -9,9 +9,8 @@ output of the previous step (zeros at t = 0). A node's inputs are summed in the 
 that the same file gives the same spikes in every process. nirtorch sums three or more inputs in the order
 of a Python set of edges, which follows the process's string hashing (PYTHONHASHSEED); `sum_order=
 "nirtorch"` replays that order, for a bit-for-bit cross-check against nirtorch in the same process. The
-schedule is built once per graph; then each step
-runs one vectorised op per node over the whole batch; nodes whose value cannot change over time
-(linear maps of a constant input) run once.
+schedule is built once per graph; then each step runs one vectorised op per node over the whole batch;
+nodes whose value cannot change over time (linear maps of a constant input) run once.
 """
 
 from __future__ import annotations
