@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--grad", default="phantom", choices=["ift", "phantom"], help="MPIS gradient")
     parser.add_argument("--epoch-samples", type=int, default=60_000)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the rows and ratios to this JSON file")
     parser.add_argument("--worker", choices=["memory", "time"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -123,11 +124,20 @@ def main() -> None:
     for method in args.methods:
         growth = [rows[method, t]["growth_mb"] for t in args.T]
         print(f"{method}: memory max/min over T = {max(growth) / min(growth):.3f}")
+    ratios = {}
     if set(args.methods) == {"mpis", "bptt"}:
         for steps in args.T:
             m, b = rows["mpis", steps], rows["bptt", steps]
-            print(f"T={steps}: MPIS/BPTT memory {m['growth_mb'] / b['growth_mb']:.3f}, "
-                  f"time {m['seconds_per_step'] / b['seconds_per_step']:.3f}")  # fmt: skip
+            ratios[steps] = {
+                "memory": m["growth_mb"] / b["growth_mb"],
+                "time": m["seconds_per_step"] / b["seconds_per_step"],
+            }
+            print(f"T={steps}: MPIS/BPTT memory {ratios[steps]['memory']:.3f}, time {ratios[steps]['time']:.3f}")
+    if args.json:
+        table = [{"method": m, "T": t, **r, "seconds_per_epoch": r["seconds_per_step"] * steps_per_epoch}
+                 for (m, t), r in rows.items()]  # fmt: skip
+        Path(args.json).write_text(json.dumps({"device": args.device, "batch": args.batch, "rows": table,
+                                               "mpis_over_bptt": ratios}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 from mpis.config import CONFIG_CLASSES, ModelConfig, SolverConfig, TrainConfig
 from mpis.errors import MpisError
 from mpis.export import DEFAULT_MAX_PARAM_GROWTH, DEFAULT_WEIGHT_BITS, TOOLCHAIN_TARGETS
+from mpis.threads import torch_threads, usable_cores
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,6 +34,7 @@ THREADS_HELP = (
     "torch / ONNX Runtime intra-op threads (default 1: the per-step ops are small, and on a busy machine more "
     "threads stall)"
 )
+CORES_HELP = "torch intra-op threads (default {}: the cores this process may use; never more, or threads stall)"
 
 
 def _flag_type(annotation: str):
@@ -304,13 +306,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from mpis.spike.simulate import torch_threads
-
-    with torch_threads(args.threads):
-        return _simulate_file(args)
-
-
-def _simulate_file(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
     from mpis.export.nir_nodes import read_nir
@@ -559,6 +554,10 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     demo.add_argument("--seed", type=int, default=0, help="training seed (same seed, same numbers on one machine)")
     demo.set_defaults(run=_demo)
+    cores = usable_cores()
+    for command in commands.choices.values():
+        if not any("--threads" in action.option_strings for action in command._actions):
+            command.add_argument("--threads", type=int, default=cores, help=CORES_HELP.format(cores))
     return parser
 
 
@@ -575,7 +574,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        status = args.run(args)
+        with torch_threads(args.threads):
+            status = args.run(args)
         sys.stdout.flush()  # here, so that a closed pipe is caught below and not at the interpreter's exit
         return status
     except MpisError as err:

@@ -26,7 +26,7 @@ DEMO_MINUTES = "4-8"  # 4.0 min idle, 7.5 min beside two other trainings, 2 core
 def run_demo(*args, threads: int = 1, **kwargs) -> tuple[list[str], object]:
     """`_run_demo` with `threads` intra-op threads (1 by default: about as fast on two idle cores, far faster
     on a busy machine; measured 8 s vs 80 s per digits epoch with the machine's load at 5)."""
-    from mpis.spike.simulate import torch_threads
+    from mpis.threads import torch_threads
 
     with torch_threads(threads):
         return _run_demo(*args, threads=threads, **kwargs)

@@ -167,3 +167,46 @@ def test_the_paper_figure_is_printed_beside_ours():
     line = beside_paper("fashion-mnist", 0.9123, 7, 3600)
     assert "paper 93.14 % at T = 30" in line and "ours 91.23% after 7 epochs in 60.0 min (-1.91 points)" in line
     assert "no MNIST row" in beside_paper("mnist", 0.99, 1, 60)
+
+
+def test_usable_cores_honour_a_cgroup_quota_and_the_torchrun_ranks(tmp_path, monkeypatch):
+    from mpis.threads import usable_cores
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")
+    assert usable_cores(quota) == 4
+    quota.write_text("250000 100000\n")  # 2.5 CPUs of quota: two whole threads
+    assert usable_cores(quota) == 2
+    assert usable_cores(tmp_path / "absent") == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert usable_cores(tmp_path / "absent") == 1
+
+
+@pytest.mark.parametrize("command", ["train", "export", "infer", "serve", "arch", "simulate", "check", "demo"])
+def test_every_command_runs_with_an_explicit_thread_count(monkeypatch, command):
+    import mpis.cli
+    from mpis.threads import usable_cores
+
+    seen = []
+    runner = {"simulate": "_simulate", "check": "_check", "demo": "_demo"}.get(command, "_" + command)
+    monkeypatch.setattr(mpis.cli, runner, lambda args: seen.append(torch.get_num_threads()) or 0)
+    argv = {
+        "train": ["train", "--out", "x"],
+        "export": ["export", "m.pt", "--onnx", "m.onnx"],
+        "infer": ["infer", "--engine", "m.plan", "--onnx", "m.onnx"],
+        "serve": ["serve", "repo"],
+        "arch": ["arch", "FC10"],
+        "simulate": ["simulate", "m.nir"],
+        "check": ["check", "m.pt"],
+        "demo": ["demo"],
+    }[command]
+    before = torch.get_num_threads()
+    torch.set_num_threads(7)  # torch's own default counts the machine's cores, not ours
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(before)
+    spike_runtime = command in ("simulate", "check", "demo")  # measured: one thread is fastest for them
+    assert seen == [1 if spike_runtime else usable_cores()]

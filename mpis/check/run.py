@@ -45,8 +45,9 @@ from mpis.export.nir_nodes import read_nir
 from mpis.export.onnx import INPUT_NAME, LOGITS_NAME, export_onnx
 from mpis.export.toolchains import export_toolchain_nir
 from mpis.spike.graph_layout import Program, dense_macs, synaptic_ops
-from mpis.spike.simulate import compile_graph, layer_counts, torch_threads
+from mpis.spike.simulate import compile_graph, layer_counts
 from mpis.spike.toolchains import Toolchain, missing, parse_toolchains, run_toolchain
+from mpis.threads import torch_threads
 from mpis.train.checkpoint import Checkpoint, load_checkpoint
 from mpis.train.data import load_dataset
 from mpis.train.loop import resolve_device

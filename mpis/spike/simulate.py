@@ -5,7 +5,6 @@ FLOPs), `layer_counts` reads the spikes back per model layer, `evaluate` runs a 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,20 +19,6 @@ from mpis.spike.graph_layout import Program, compile_program, dense_macs, synapt
 from mpis.spike.native_layout import compile_native
 
 LAYOUTS = ("graph", "native")
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int):
-    """Intra-op threads for a block. The default is 1: the per-step ops of these graphs are small, and on a
-    shared machine extra threads stall (measured: 28 s vs 1.3 s for one 20-step run of a tiny net)."""
-    if threads < 1:
-        raise MpisError(f"--threads must be >= 1, got {threads}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def compile_graph(

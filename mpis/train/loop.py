@@ -255,6 +255,7 @@ def _train(
             "train_acc": float(totals[1] / totals[2]),
             "test_acc": test_acc,
             "seconds": round(seconds, 3),
+            "device": str(device),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             "residual": float(totals[3] / totals[2]) if train_cfg.method == "mpis" else None,
             "jacobian": float(totals[4] / totals[5]) if totals[5] > 0 else None,
