@@ -54,6 +54,12 @@ class SolverConfig:
     T: int = _opt(30, "simulation steps (spike) / maximum solver iterations (rate)")
     solver: str = _opt("anderson", "fixed-point solver of the rate forward (TorchDEQ)", SOLVERS)
     tol: float = _opt(1e-4, "relative residual at which the rate forward stops")
+    spike_tol: float = _opt(
+        0.0,
+        "stop the training spike forward once the time-mean rates r̄ are this close to a fixed point "
+        "(‖f(r̄) − r̄‖/‖f(r̄)‖, batch mean, checked every 5 steps; 0: always T steps): the phantom gradient's "
+        "damped steps start from r̄ and finish the solve",
+    )
     solve_dtype: str = _opt(
         "float32",
         "dtype of the spike forward's convolutions in training (membranes and rates stay float32); "
@@ -90,6 +96,8 @@ class SolverConfig:
                 raise MpisError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.phantom_tau <= 1.0:
             raise MpisError(f"--phantom-tau must be in (0, 1], got {self.phantom_tau}")
+        if not self.spike_tol >= 0.0:
+            raise MpisError(f"--spike-tol must be >= 0, got {self.spike_tol}")
         if not self.jac_reg >= 0.0:
             raise MpisError(f"--jac-reg must be >= 0, got {self.jac_reg}")
         if not self.jac_reg_warmup >= 0.0:

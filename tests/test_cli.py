@@ -79,6 +79,7 @@ def test_train_refuses_to_overwrite_an_earlier_run(tmp_path, capsys):
         (["--lr", "-1"], "--lr must be > 0"),
         (["--jac-reg", "-0.5"], "--jac-reg must be >= 0"),
         (["--jac-reg-warmup", "-1"], "--jac-reg-warmup must be >= 0 epochs"),
+        (["--spike-tol", "-0.1"], "--spike-tol must be >= 0"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
         (["--bogus-flag"], "unrecognized arguments"),
         (["--preset", "imagenet"], "invalid choice: 'imagenet'"),

@@ -113,3 +113,25 @@ def test_bfloat16_spike_solve_counts_whole_spikes_and_stays_near_float32():
         assert torch.allclose(counts, counts.round(), atol=1e-4)
         assert (r - reference[name]).abs().mean() < 0.005
         assert (r != reference[name]).float().mean() < 0.05
+
+
+def test_spike_forward_stops_once_the_mean_rates_are_within_spike_tol_of_a_fixed_point():
+    net, x = contractive_net(), torch.rand(4, 1, 8, 8)
+    full_model = EquilibriumModel(net, SolverConfig(T=100)).eval()
+    early_model = EquilibriumModel(net, SolverConfig(T=100, spike_tol=0.05)).eval()
+    with torch.no_grad():
+        full, steps = full_model.solve(x, {})
+        early, early_steps = early_model.solve(x, {})
+        stepped = early_model.layout.pack(net.loop_step(early, net.explicit_rates(x)))
+        residual = (stepped - early_model.layout.pack(early)).norm(dim=1) / stepped.norm(dim=1)
+    assert steps == 100
+    assert early_steps < 100 and early_steps % 5 == 0  # checked every 5 steps
+    assert residual.mean() <= 0.05
+    assert max((early[k] - full[k]).abs().mean().item() for k in full) < 0.05
+
+
+def test_an_unsettled_loop_runs_all_T_steps_whatever_the_spike_tol():
+    model = _rate_model(T=40, spike_tol=1e-9)
+    with torch.no_grad():
+        _, steps = model.solve(torch.rand(4, 1, 8, 8), {})
+    assert steps == 40

@@ -88,8 +88,9 @@ class EquilibriumModel(nn.Module):
         if self.solver.forward == "spike":
             low = self.solver.solve_dtype == "bfloat16"
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=low):
-                record = self.net.simulate(x, self.solver.T, masks, count_spikes=False)
-            return record.state_rates, self.solver.T
+                settled = self._settled(x, masks) if self.solver.spike_tol > 0 else None
+                record = self.net.simulate(x, self.solver.T, masks, count_spikes=False, settled=settled)
+            return record.state_rates, record.steps
         explicit = self.net.explicit_rates(x, masks, horizon=self.horizon)
         func = self._map(explicit, masks, "running")
         z0 = self.layout.pack(self.net.zero_state(x.shape[0], x.device, x.dtype))
@@ -100,6 +101,18 @@ class EquilibriumModel(nn.Module):
             func, z0, max_iter=self.solver.T, tol=self.solver.tol, stop_mode="rel", return_final=plain
         )
         return self.layout.unpack(z), int(info["nstep"].max())
+
+    def _settled(self, x: Tensor, masks: Values):
+        """Whether spike-mean rates are within --spike-tol of a fixed point of the map the simulation runs."""
+        explicit = self.net.explicit_rates(x, masks, horizon=self.horizon)
+
+        def settled(rates: Values) -> bool:
+            step = self.layout.pack(self.net.loop_step(rates, explicit, masks, horizon=self.horizon))
+            now = self.layout.pack(rates)
+            residual = (step - now).norm(dim=1) / (step.norm(dim=1) + 1e-9)
+            return float(residual.mean()) <= self.solver.spike_tol
+
+        return settled
 
     def _map(self, explicit: Values, masks: Values, bn: BNMode):
         layout, net = self.layout, self.net

@@ -18,6 +18,7 @@ from mpis.model.neurons import NeuronParams, SpikeFn, dbrelu, heaviside, neuron_
 Fire = Callable[[str, Tensor], Tensor]
 Values = dict[str, Tensor]
 BNMode = Literal["running", "batch", "track", "calibrate"]
+SETTLE_CHECK_EVERY = 5  # steps between two checks of an early-stopping simulation (a check costs about one step)
 
 
 def _depends_on(nodes: Iterable[Node], seeds: set[str], through_delayed: bool) -> set[str]:
@@ -239,15 +240,24 @@ class MPISNet(nn.Module):
             yield values
 
     @torch.no_grad()
-    def simulate(self, x: Tensor, steps: int, masks: Values | None = None, count_spikes: bool = True) -> SpikeRecord:
+    def simulate(
+        self,
+        x: Tensor,
+        steps: int,
+        masks: Values | None = None,
+        count_spikes: bool = True,
+        settled: Callable[[Values], bool] | None = None,
+    ) -> SpikeRecord:
         """T-step simulation; stream-output rates are weighted by λ^(T−t) (plain means for IF). Sums are
         accumulated in place (a fresh tensor per step and layer cost as much as the adds); the training
-        solve needs only the stream rates (`count_spikes=False`)."""
+        solve needs only the stream rates (`count_spikes=False`). `settled(rates)`, asked every
+        SETTLE_CHECK_EVERY steps, ends the simulation early when it answers True."""
         leak = self.neuron.leak
         sums: Values = {}
         counts: Values = {}
         norm = 0.0
         counted = [n.name for n in self.neurons] if count_spikes else []
+        done = 0
         for values in self.spike_steps(x, steps, masks):
             norm = leak * norm + 1.0
             for name in self.graph.state:
@@ -259,4 +269,8 @@ class MPISNet(nn.Module):
                     )
             for name in counted:
                 counts[name] = values[name].clone() if name not in counts else counts[name].add_(values[name])
-        return SpikeRecord({k: v / norm for k, v in sums.items()}, counts, steps)
+            done += 1
+            if settled is not None and done % SETTLE_CHECK_EVERY == 0 and done < steps:
+                if settled({k: v / norm for k, v in sums.items()}):
+                    break
+        return SpikeRecord({k: v / norm for k, v in sums.items()}, counts, done)

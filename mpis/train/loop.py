@@ -213,7 +213,8 @@ def _train(
         trained.train()
         sampler.set_epoch(epoch)
         start = time.perf_counter()
-        totals = torch.zeros(6, dtype=torch.float64)  # loss, correct, seen, residual, Jacobian sums; Jacobian seen
+        totals = torch.zeros(7, dtype=torch.float64)  # loss, correct, seen, residual, Jacobian sums; Jacobian seen;
+        # forward steps (spike steps or solver iterations) summed over samples
         bar.set_description(f"epoch {epoch}/{train_cfg.epochs}")
         for x, y in train_loader:
             x, y = on_device(x, device), y.to(device)
@@ -236,7 +237,8 @@ def _train(
                 correct = (readout(train_cfg.loss, outputs).argmax(1) == y).sum()
                 res = 0.0 if info is None else float(info.residual.sum())
                 jac, jac_seen = (0.0, 0) if jacobian is None else (float(jacobian) * len(y), len(y))
-                sums = [loss.item() * len(y), float(correct), len(y), res, jac, jac_seen]
+                steps = 0 if info is None else info.steps * len(y)
+                sums = [loss.item() * len(y), float(correct), len(y), res, jac, jac_seen, steps]
                 totals += torch.tensor(sums, dtype=torch.float64)
             bar.update()
             bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}", refresh=False)
@@ -259,6 +261,7 @@ def _train(
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             "residual": float(totals[3] / totals[2]) if train_cfg.method == "mpis" else None,
             "jacobian": float(totals[4] / totals[5]) if totals[5] > 0 else None,
+            "forward_steps": float(totals[6] / totals[2]) if train_cfg.method == "mpis" else None,
             "jac_reg_weight": jac_reg_weight(solver_cfg, steps_done / len(train_loader)),
             "lr": schedule.get_last_lr()[0],
             **deployed.metrics(),
