@@ -31,6 +31,7 @@ LEVERS = {  # name -> SolverConfig overrides (MPIS) or the baseline it is
     "mpis spike-tol 0.15 bf16": {"spike_tol": 0.15, "solve_dtype": "bfloat16"},
     "mpis spike-tol 0.15 phantom 3": {"spike_tol": 0.15, "phantom_steps": 3},
     "mpis jac-every 4": {"jac_reg_every": 4},
+    "mpis all four": {"spike_tol": 0.15, "solve_dtype": "bfloat16", "phantom_steps": 3, "jac_reg_every": 4},
     "bptt (mpis)": "bptt",
     "bptt (snntorch)": "snntorch",
 }

@@ -122,3 +122,17 @@ def test_descending_the_jacobian_penalty_makes_the_loop_contract():
         penalty.backward()
         optimizer.step()
     assert before > 0 and exact_frobenius() < 0.6 * before
+
+
+def test_the_snntorch_peer_of_the_speed_bench_computes_the_same_network_as_mpis_bptt():
+    """bench/train_speed.py's peer baseline is only a fair comparison if it is the same network."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("snntorch")
+    from conftest import spiky_net
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from peer_snntorch import same_logits
+
+    assert same_logits(spiky_net("4C3S1-2F1*(6C3S2-8C3S1)-FC10", (1, 12, 12)), steps=12) == 0.0
