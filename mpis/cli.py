@@ -198,6 +198,10 @@ def _refuse_before_work(args: argparse.Namespace) -> None:
         raise MpisError(
             f"--flavour {args.flavour} is for --target nirtorch; --target {args.target} has its own neurons"
         )
+    if args.triton_repo:
+        from mpis.export.triton import check_model_settings
+
+        check_model_settings(args.name, args.max_batch_size)
     if args.overwrite:
         return
     outputs = [(Path(p), "path") for p in (args.onnx, args.nir, args.trt) if p]

@@ -32,11 +32,14 @@ def test_existing_triton_model_is_kept(checkpoint, tmp_path, capsys):
     assert (tmp_path / "repo" / "mpis" / "mine.txt").read_text() == "keep"
 
 
-def test_bad_triton_model_name_is_refused(checkpoint, tmp_path, capsys):
-    assert (
-        main(["export", str(checkpoint), "--allow-unsettled", "--triton-repo", str(tmp_path), "--name", "a b/c"]) == 2
-    )
+def test_bad_triton_model_name_is_refused_before_any_scoring(checkpoint, tmp_path, capsys, monkeypatch):
+    def scored(*args, **kwargs):
+        raise AssertionError("the model was scored before the name was checked")
+
+    monkeypatch.setattr("mpis.export.faithful.check_faithful", scored)
+    assert main(["export", str(checkpoint), "--triton-repo", str(tmp_path), "--name", "a b/c"]) == 2
     assert "--name" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.skipif(

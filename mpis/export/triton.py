@@ -41,6 +41,14 @@ def model_config(
     )
 
 
+def check_model_settings(name: str, max_batch_size: int) -> None:
+    """Refuse a model name Triton would not load, and a batch size below 1 (the CLI asks before any work)."""
+    if not NAME_PATTERN.match(name):
+        raise MpisError(f"--name {name!r}: use letters, digits, '_', '.', '-' (Triton model names)")
+    if max_batch_size < 1:
+        raise MpisError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+
+
 def write_triton_repo(
     repo: Path,
     name: str,
@@ -52,10 +60,7 @@ def write_triton_repo(
     overwrite: bool = False,
 ) -> list[Path]:
     """Write the model folder(s); each appears whole (built beside it, then renamed) or not at all."""
-    if not NAME_PATTERN.match(name):
-        raise MpisError(f"--name {name!r}: use letters, digits, '_', '.', '-' (Triton model names)")
-    if max_batch_size < 1:
-        raise MpisError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    check_model_settings(name, max_batch_size)
     try:
         repo.mkdir(parents=True, exist_ok=True)
     except OSError as err:
