@@ -71,6 +71,28 @@ def test_cifar10_loader_reads_pickle_batches(tmp_path):
     assert augmented.shape == (4, 3, 32, 32)
 
 
+class _RunsCode:
+    """A pickle payload that would create a marker file when unpickled by a plain `pickle.load`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    for name in ("data_batch_1", "test_batch"):
+        with (folder / name).open("wb") as handle:
+            pickle.dump({b"data": _RunsCode(marker), b"labels": [0]}, handle)
+    with pytest.raises(MpisError, match="corrupt file .*not part of a CIFAR batch"):
+        load_dataset("cifar10", tmp_path)
+    assert not marker.exists()
+
+
 def test_cifar100_loader_uses_fine_labels(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()

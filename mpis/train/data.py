@@ -141,12 +141,32 @@ _CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465])[:, None, None]
 _CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616])[:, None, None]
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch holds — dicts, lists, bytes, numbers and numpy arrays — so that a
+    crafted batch cannot name a function to call (the pickle format calls whatever `find_class` returns)."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),  # numpy 1 pickles (the published files)
+        ("numpy._core.multiarray", "_reconstruct"),  # numpy 2 pickles
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how protocol-2 pickles write bytes
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR batch (refused: it could run code)")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path, label_key: bytes, classes: int) -> tuple[Tensor, Tensor]:
     if not path.is_file():
         raise MpisError(f"missing file {path}")
     try:
         with path.open("rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
+            batch = _CifarUnpickler(handle, encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[label_key], dtype=np.int64)
     except Exception as err:  # unpickling a damaged file can raise almost anything
