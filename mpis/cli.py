@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -575,8 +577,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that the cleanup of every
+    half-written file runs (the default action would end the process on the spot)."""
+
+
+def _terminate(signum: int, frame) -> typing.NoReturn:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         with torch_threads(args.threads):
             status = args.run(args)
@@ -588,10 +601,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mpis: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("mpis: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # `mpis … | head`: the reader has gone, which is not an error of ours
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
         return 0
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

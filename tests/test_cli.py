@@ -211,3 +211,23 @@ def test_every_command_runs_with_an_explicit_thread_count(monkeypatch, command):
         torch.set_num_threads(before)
     spike_runtime = command in ("simulate", "check", "demo")  # measured: one thread is fastest for them
     assert seen == [1 if spike_runtime else usable_cores()]
+
+
+def test_sigterm_mid_training_ends_with_one_line_143_and_leaves_only_whole_files(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mpis", "train", "--arch", "4C3-2F1*(6C3S2-8C3)-FC10", "--T", "5", "--epochs", "500"]
+    proc = subprocess.Popen([*cmd, "--out", str(out), "--quiet", "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "model.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert (out / "model.pt").exists(), "no epoch finished"
+    time.sleep(0.3)  # somewhere inside a later epoch (or its save)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert err.strip().splitlines() == ["mpis: terminated"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model.pt"]  # no temporary file left
+    load_checkpoint(out / "model.pt")
