@@ -68,12 +68,19 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, SolverConfig, Train
 def _train(args: argparse.Namespace) -> int:
     import time
 
-    from mpis.train.loop import train
+    from mpis.train.loop import resume_configs, train
     from mpis.train.presets import beside_paper
 
-    model_cfg, solver_cfg, train_cfg = _configs(args)
+    if args.resume and args.overwrite:
+        raise MpisError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if args.resume:
+        model_cfg, solver_cfg, train_cfg = resume_configs(Path(args.out), args.given)
+    else:
+        model_cfg, solver_cfg, train_cfg = _configs(args)
     start = time.perf_counter()
-    metrics = train(model_cfg, solver_cfg, train_cfg, Path(args.out), args.overwrite, progress=not args.quiet)
+    metrics = train(
+        model_cfg, solver_cfg, train_cfg, Path(args.out), args.overwrite, progress=not args.quiet, resume=args.resume
+    )
     if metrics:  # only rank 0 of a torchrun job evaluates and writes
         print(f"test accuracy {metrics['test_acc']:.4f}; checkpoint {Path(args.out) / 'model.pt'}")
         if args.preset:
@@ -366,6 +373,12 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a network on a dataset and write DIR/model.pt")
     train.add_argument("--out", required=True, help="run folder for model.pt and metrics.jsonl")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last complete epoch (its own settings; weights, optimizer, "
+        "schedule, random state and metrics are restored)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     train.add_argument(
         "--preset",
@@ -574,7 +587,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         from mpis.train.presets import PRESETS
 
         args = build_parser(PRESETS[args.preset].flags()).parse_args(argv)
+    if args.command == "train":
+        args.given = _given_settings(argv, args)
     return args
+
+
+_UNSET = object()
+
+
+def _given_settings(argv: list[str] | None, args: argparse.Namespace) -> dict[str, object]:
+    """The config settings named on the command line (a preset's count as named), which --resume checks
+    against the run's: parsed again with every default replaced by a marker."""
+    from mpis.train.presets import PRESETS
+
+    names = [f.name for cls in CONFIG_CLASSES for f in fields(cls)]
+    marked = build_parser(dict.fromkeys(names, _UNSET)).parse_args(argv)
+    preset = PRESETS[args.preset].flags() if args.preset else {}
+    return {name: getattr(args, name) for name in names if getattr(marked, name) is not _UNSET or name in preset}
 
 
 class _Terminated(BaseException):

@@ -1,4 +1,5 @@
-"""Checkpoints hold the weights and every config, so later commands need nothing else.
+"""Checkpoints hold the weights and every config, so later commands need nothing else, and the training
+state (optimizer, schedule, RNG, every epoch's metrics) so that `mpis train --resume` continues a run.
 
 Written atomically (temporary file in the same folder, then rename) and read with
 `torch.load(weights_only=True)`: only tensors and plain Python values, no pickled code.
@@ -6,8 +7,11 @@ Written atomically (temporary file in the same folder, then rename) and read wit
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from dataclasses import asdict
@@ -25,9 +29,43 @@ FORMAT = "mpis-checkpoint"
 VERSION = 1
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+SPACE_MARGIN = 1 << 20  # beyond a file's own bytes: the folder entry, the file system's blocks
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then rename over `path`; on failure the target is left untouched."""
+    """Call `write(tmp_path)`, then rename over `path`; on failure the target is left untouched. A full
+    disk is one clear error, whatever layer of the writer met it."""
     path = Path(path)
+    try:
+        _atomic_write(path, write)
+    except OSError as err:
+        if err.errno in NO_SPACE:
+            raise MpisError(no_space_message(path, "")) from None
+        raise
+
+
+def no_space_message(path: Path, size: str) -> str:
+    return (
+        f"no space left on the device for {path}{size} ({free_mb(path.parent):,.0f} MB free); "
+        "the file there before is intact"
+    )
+
+
+def free_mb(folder: Path) -> float:
+    return shutil.disk_usage(folder).free / 2**20
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Delete the temporary files a killed `atomic_write(path, …)` left beside `path` (kill -9 runs no
+    cleanup); returns what was removed."""
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    for leftover in stale:
+        leftover.unlink(missing_ok=True)
+    return stale
+
+
+def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -58,7 +96,11 @@ def save_checkpoint(
     solver_cfg: SolverConfig,
     train_cfg: TrainConfig,
     metrics: dict[str, Any],
+    run_state: dict[str, Any] | None = None,
 ) -> None:
+    """Write the checkpoint; `run_state` (mpis train's optimizer, schedule, RNG and metrics history) makes it
+    resumable. Serialised in memory first, so that its exact size is checked against the free space before
+    the file is touched: a full disk is one line, not a half-written archive or a torch traceback."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -69,7 +111,15 @@ def save_checkpoint(
         "metrics": metrics,
         "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
     }
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    if run_state is not None:
+        payload["run"] = run_state
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getbuffer()
+    size = f" ({len(data) / 2**20:,.1f} MB)"
+    if free_mb(path.parent) * 2**20 < len(data) + SPACE_MARGIN:
+        raise MpisError(no_space_message(path, size))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 class Checkpoint:
@@ -96,6 +146,15 @@ class Checkpoint:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
+    payload = read_payload(path)
+    try:
+        return Checkpoint(payload, path)
+    except (KeyError, TypeError) as err:
+        raise MpisError(f"{path} is a damaged mpis checkpoint (missing or bad field {err})") from None
+
+
+def read_payload(path: Path) -> dict[str, Any]:
+    """The checkpoint's raw dictionary, checked to be a complete mpis checkpoint of this version."""
     if path.is_dir():
         raise MpisError(f"checkpoint {path} is a folder; pass the model.pt inside it")
     if not path.is_file():
@@ -121,7 +180,4 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise MpisError(f"{path} is not an mpis checkpoint (no '{FORMAT}' marker)")
     if payload.get("version") != VERSION:
         raise MpisError(f"{path} has checkpoint version {payload.get('version')}; this mpis reads {VERSION}")
-    try:
-        return Checkpoint(payload, path)
-    except (KeyError, TypeError) as err:
-        raise MpisError(f"{path} is a damaged mpis checkpoint (missing or bad field {err})") from None
+    return payload

@@ -1,4 +1,8 @@
-"""`mpis train`: the epoch loop around the equilibrium model, with metrics and atomic checkpoints."""
+"""`mpis train`: the epoch loop around the equilibrium model, with metrics and atomic checkpoints.
+
+Each epoch is committed in one step: model.pt holds the weights, the training state and every epoch's
+metrics, and metrics.jsonl is rewritten from it afterwards. A run killed anywhere therefore loses at most
+the epoch in progress, and `--resume` continues from model.pt (rewriting metrics.jsonl to match it)."""
 
 from __future__ import annotations
 
@@ -23,12 +27,20 @@ from tqdm import tqdm
 from mpis.config import ModelConfig, SolverConfig, TrainConfig, check_choices
 from mpis.errors import MpisError
 from mpis.model.deployed import DeployedScores, score_deployed
-from mpis.train.checkpoint import atomic_write, save_checkpoint
+from mpis.train.checkpoint import (
+    SPACE_MARGIN,
+    atomic_write,
+    free_mb,
+    read_payload,
+    remove_leftovers,
+    save_checkpoint,
+)
 from mpis.train.data import load_dataset
 from mpis.train.losses import readout, spiking_loss
 from mpis.train.models import build_model, on_device, step_outputs
 
 RUN_FILES = ("model.pt", "metrics.jsonl")
+RESUMABLE_CHANGES = ("device", "data_dir")  # settings a resumed run may change: they do not alter the run
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,21 +127,105 @@ def jac_reg_weight(solver_cfg: SolverConfig, epochs_done: float) -> float:
     return solver_cfg.jac_reg * min(1.0, epochs_done / solver_cfg.jac_reg_warmup)
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
+def prepare_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse an --out that holds another run (saying how to resume it) or that cannot be written."""
     if out.exists() and not out.is_dir():
         raise MpisError(f"--out {out} exists and is not a folder")
     existing = [name for name in RUN_FILES if (out / name).exists()]
-    if existing and not overwrite:
+    if existing and not overwrite and not resume:
         raise MpisError(
-            f"--out {out} already holds a run ({', '.join(existing)}); pick a new folder or pass --overwrite"
+            f"--out {out} already holds a run ({run_progress(out) or ', '.join(existing)}); pass --resume to "
+            "continue it, --overwrite to replace it, or pick a new folder"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".mpis-write-test"
         probe.touch()
         probe.unlink()
+        for name in RUN_FILES:
+            remove_leftovers(out / name)
     except OSError as err:
         raise MpisError(f"cannot write to --out {out}: {err.strerror}") from None
+
+
+def run_progress(out: Path) -> str:
+    """'epoch 3 of 12 done' for the run in `out`, or '' when its model.pt cannot tell."""
+    try:
+        run = read_payload(out / "model.pt").get("run", {})
+        done = "complete" if run["epoch"] >= run["epochs"] else "done"
+        return f"epoch {run['epoch']} of {run['epochs']} {done}"
+    except (MpisError, KeyError, TypeError):
+        return ""
+
+
+def resume_configs(out: Path, given: dict[str, Any]) -> tuple[ModelConfig, SolverConfig, TrainConfig]:
+    """The configs of the run in `out`, for --resume. `given` holds the settings named on the command line:
+    any that differs from the run's (other than RESUMABLE_CHANGES) is refused, since a resumed run must be
+    the run that was started."""
+    from mpis.config import CONFIG_CLASSES, config_from_dict
+
+    path = out / "model.pt"
+    if not path.is_file():
+        raise MpisError(f"--resume: {out} holds no finished epoch to continue from; start the run without --resume")
+    payload = read_payload(path)
+    if "run" not in payload:
+        raise MpisError(f"--resume: {path} holds no training state (written by an older mpis, or not by mpis train)")
+    configs = [
+        config_from_dict(cls, payload[key])
+        for cls, key in zip(CONFIG_CLASSES, ("model", "solver", "train"), strict=True)
+    ]
+    stored = {name: value for cfg in configs for name, value in vars(cfg).items()}
+    for name, value in given.items():
+        if name not in RESUMABLE_CHANGES and stored.get(name) != value:
+            flag = "--T" if name == "T" else "--" + name.replace("_", "-")
+            raise MpisError(
+                f"--resume continues the run as it was started: {flag} {value} differs from its {stored.get(name)} "
+                "(drop the flag, or start a new run with --overwrite or another --out)"
+            )
+    for cfg in configs:
+        for name in RESUMABLE_CHANGES:
+            if name in given and hasattr(cfg, name):
+                setattr(cfg, name, given[name])
+    return tuple(configs)
+
+
+def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """What one checkpoint will take: the network's state, and the optimizer's state (Adam's two moments, or
+    SGD's momentum) once it exists; before the first step it is estimated from the parameters."""
+    net = sum(t.numel() * t.element_size() for t in model.net.state_dict().values())
+    params = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+    return net + params * (2 if isinstance(optimizer, torch.optim.AdamW) else 1) + SPACE_MARGIN
+
+
+def check_space(out: Path, needed: int) -> None:
+    """Refuse before training when --out cannot hold the next checkpoint beside the last one."""
+    if free_mb(out) * 2**20 < needed:
+        raise MpisError(
+            f"--out {out} has {free_mb(out):,.0f} MB free; a checkpoint of this run needs about "
+            f"{needed / 2**20:,.1f} MB: free some space first"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator the epoch loop draws from, as tensors and plain values (weights_only checkpoints)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(
@@ -139,8 +235,10 @@ def train(
     out: Path,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train, write one JSON line per epoch to out/metrics.jsonl and out/model.pt; return the last metrics."""
+    """Train, write one JSON line per epoch to out/metrics.jsonl and out/model.pt; return the last metrics.
+    With `resume`, continue the run in `out` from its last complete epoch."""
     for cfg in (model_cfg, solver_cfg, train_cfg):
         check_choices(cfg)
     ddp = Distributed.from_env()
@@ -151,7 +249,7 @@ def train(
     if ddp.world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(model_cfg, solver_cfg, train_cfg, Path(out), overwrite, progress, device, ddp)
+        return _train(model_cfg, solver_cfg, train_cfg, Path(out), overwrite, progress, resume, device, ddp)
     finally:
         if ddp.world > 1:
             dist.destroy_process_group()
@@ -164,6 +262,7 @@ def _train(
     out: Path,
     overwrite: bool,
     progress: bool,
+    resume: bool,
     device: torch.device,
     ddp: Distributed,
 ) -> dict[str, Any]:
@@ -173,7 +272,7 @@ def _train(
     if model.net.arch.classes != data.classes:
         raise MpisError(f"arch ends in FC{model.net.arch.classes} but the dataset has {data.classes} classes")
     if ddp.main:  # only now: an arch that does not fit the data must not leave an empty --out behind
-        prepare_out_dir(out, overwrite)
+        prepare_out_dir(out, overwrite, resume)
         if data.note:
             print(f"note: {data.note}", file=sys.stderr)
     trained = DistributedDataParallel(model) if ddp.world > 1 else model
@@ -196,11 +295,33 @@ def _train(
     metrics_path = out / "metrics.jsonl"
     lines: list[str] = []
     metrics: dict[str, Any] = {}
+    done = 0  # epochs complete
+    if resume:
+        payload = read_payload(out / "model.pt")
+        run = payload["run"]
+        model.net.load_state_dict(payload["state_dict"])
+        optimizer.load_state_dict(run["optimizer"])
+        schedule.load_state_dict(run["schedule"])
+        set_rng_state(run["rng"])
+        done, lines = run["epoch"], list(run["history"])
+        metrics = json.loads(lines[-1]) if lines else {}
+        if ddp.main:  # metrics.jsonl may lag model.pt by one epoch (a kill between the two writes)
+            atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
+            if done >= train_cfg.epochs:
+                print(f"note: the run in {out} is complete ({done} of {train_cfg.epochs} epochs)", file=sys.stderr)
+            elif progress:
+                print(f"resuming {out} after epoch {done} of {train_cfg.epochs}", file=sys.stderr)
+    if ddp.main:
+        check_space(out, checkpoint_bytes(model, optimizer))
+        if overwrite and not resume:  # the old run goes as the new one starts: the two are never mixed
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     begun = time.perf_counter()
     bar = tqdm(  # one bar over the whole run, so that its estimate is the time left for all epochs
         total=train_cfg.epochs * len(train_loader),
+        initial=done * len(train_loader),
         disable=not (progress and ddp.main),
         file=sys.stderr,
         leave=False,
@@ -208,8 +329,8 @@ def _train(
         unit="step",
         mininterval=0.2 if sys.stderr.isatty() else 10,  # a log file gets a line every 10 s, not a stream
     )
-    steps_done = 0
-    for epoch in range(1, train_cfg.epochs + 1):
+    steps_done = done * len(train_loader)
+    for epoch in range(done + 1, train_cfg.epochs + 1):
         trained.train()
         sampler.set_epoch(epoch)
         start = time.perf_counter()
@@ -267,10 +388,18 @@ def _train(
             **deployed.metrics(),
         }
         lines.append(json.dumps(metrics))
-        atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-        save_checkpoint(out / "model.pt", model, model_cfg, solver_cfg, train_cfg, metrics)
+        run_state = {
+            "epoch": epoch,
+            "epochs": train_cfg.epochs,
+            "history": lines,
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "rng": rng_state(),
+        }
+        save_checkpoint(out / "model.pt", model, model_cfg, solver_cfg, train_cfg, metrics, run_state)
+        atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
         if progress:
-            left = (train_cfg.epochs - epoch) * (time.perf_counter() - begun) / epoch
+            left = (train_cfg.epochs - epoch) * (time.perf_counter() - begun) / (epoch - done)
             bar.write(
                 f"epoch {epoch}/{train_cfg.epochs}: loss {metrics['loss']:.4f}  train {metrics['train_acc']:.4f}  "
                 f"test {test_acc:.4f}  {seconds:.1f}s"
