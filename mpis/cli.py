@@ -112,12 +112,15 @@ def _arch(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    """Every target is staged beside its path and renamed into place only when all are built
+    (mpis.export.outputs): one command's files are all written or none."""
     import tempfile
 
     import torch
 
     from mpis.export.faithful import check_faithful
     from mpis.export.onnx import INPUT_NAME, LOGITS_NAME, export_onnx
+    from mpis.export.outputs import ExportOutputs
     from mpis.train.checkpoint import atomic_write, load_checkpoint
     from mpis.train.data import load_dataset
 
@@ -134,33 +137,37 @@ def _export(args: argparse.Namespace) -> int:
     if args.iters is not None and args.iters < 1:
         raise MpisError(f"--iters must be >= 1, got {args.iters}")
     _refuse_before_work(args)
-    ckpt = load_checkpoint(args.checkpoint)
-    iterations = ckpt.solver_cfg.T if args.iters is None else args.iters
-    try:  # checked on real test images when the dataset is at hand, else on random inputs
-        test = load_dataset(ckpt.train_cfg.dataset, ckpt.train_cfg.data_dir, frames=ckpt.solver_cfg.T).test
-        count = min(args.batch, len(test))
-        inputs = torch.stack([test[i][0] for i in range(count)])
-        labels = torch.tensor([int(test[i][1]) for i in range(count)])
-    except MpisError:
-        inputs = torch.rand(args.batch, *ckpt.input_shape, generator=torch.Generator().manual_seed(0))
-        labels = None
-    check_faithful(
-        ckpt,
-        inputs,
-        labels,
-        iterations,
-        _spiking_v_init(ckpt, args) if args.nir else False,
-        args.allow_unsettled,
-        say=lambda line: print(line, flush=True),
-    )
-    if args.nir:
-        _export_nir(ckpt, args)
-    if args.onnx is None and args.triton_repo is None and args.trt is None:
-        return 0
-    sample = inputs.mean(1) if inputs.dim() == 5 else inputs  # event frames drive the rate graph with their mean
-    with tempfile.TemporaryDirectory() as scratch:
-        onnx_path = Path(args.onnx) if args.onnx else Path(scratch) / "model.onnx"
-        target = onnx_path if args.onnx else "a temporary file (no --onnx given)"
+    wrote: list[str] = []
+    with ExportOutputs() as staged, tempfile.TemporaryDirectory() as scratch:
+        # staged first: a folder that cannot be written is refused before the scoring and tracing
+        nir_path = staged.file(Path(args.nir)) if args.nir else None
+        onnx_path = staged.file(Path(args.onnx)) if args.onnx else Path(scratch) / "model.onnx"
+        plan = staged.file(Path(args.trt)) if args.trt else None
+        ckpt = load_checkpoint(args.checkpoint)
+        iterations = ckpt.solver_cfg.T if args.iters is None else args.iters
+        try:  # checked on real test images when the dataset is at hand, else on random inputs
+            test = load_dataset(ckpt.train_cfg.dataset, ckpt.train_cfg.data_dir, frames=ckpt.solver_cfg.T).test
+            count = min(args.batch, len(test))
+            inputs = torch.stack([test[i][0] for i in range(count)])
+            labels = torch.tensor([int(test[i][1]) for i in range(count)])
+        except MpisError:
+            inputs = torch.rand(args.batch, *ckpt.input_shape, generator=torch.Generator().manual_seed(0))
+            labels = None
+        check_faithful(
+            ckpt,
+            inputs,
+            labels,
+            iterations,
+            _spiking_v_init(ckpt, args) if args.nir else False,
+            args.allow_unsettled,
+            say=lambda line: print(line, flush=True),
+        )
+        if nir_path is not None:
+            wrote.append(_export_nir(ckpt, args, nir_path))
+        if args.onnx is None and args.triton_repo is None and args.trt is None:
+            return _wrote(wrote)
+        sample = inputs.mean(1) if inputs.dim() == 5 else inputs  # event frames drive the rate graph by their mean
+        target = args.onnx or "a temporary file (no --onnx given)"
         print(f"exporting the ONNX rate graph to {target} ...", flush=True)
         report = export_onnx(
             ckpt.net,
@@ -172,20 +179,18 @@ def _export(args: argparse.Namespace) -> int:
             horizon=ckpt.solver_cfg.T,
             say=lambda line: print(line, flush=True),
         )
-        print(f"wrote {onnx_path if args.onnx else 'the ONNX graph'}: {iterations} iterations; {report.summary()}")
-        plan = None
-        if args.trt:
+        wrote.append(f"{args.onnx or 'the ONNX graph'}: {iterations} iterations; {report.summary()}")
+        if plan is not None:
             from mpis.export.tensorrt import build_engine
 
-            plan = Path(args.trt)
-            if plan.exists() and not args.overwrite:
-                raise MpisError(f"{plan} already exists; choose another path or pass --overwrite")
             shape = ckpt.input_shape
             atomic_write(
                 plan,
                 lambda tmp: build_engine(onnx_path, Path(tmp), shape, args.max_batch_size, 32, args.fp16),
             )
-            print(f"wrote {plan} ({'fp16' if args.fp16 else 'fp32'} TensorRT engine, batch 1-{args.max_batch_size})")
+            wrote.append(
+                f"{args.trt} ({'fp16' if args.fp16 else 'fp32'} TensorRT engine, batch 1-{args.max_batch_size})"
+            )
         if args.triton_repo:
             from mpis.export.triton import write_triton_repo
 
@@ -193,10 +198,25 @@ def _export(args: argparse.Namespace) -> int:
             if args.with_rates:
                 outputs += [(f"rate_{n.name}", n.shape) for n in ckpt.net.neurons]
             inputs = [(INPUT_NAME, ckpt.input_shape)]
-            written = write_triton_repo(
-                Path(args.triton_repo), args.name, onnx_path, inputs, outputs, args.max_batch_size, plan, args.overwrite
+            models = write_triton_repo(
+                Path(args.triton_repo),
+                args.name,
+                onnx_path,
+                inputs,
+                outputs,
+                args.max_batch_size,
+                plan,
+                args.overwrite,
+                staged,
             )
-            print("wrote Triton model(s): " + ", ".join(str(p) for p in written))
+            wrote.append("Triton model(s) " + ", ".join(str(p) for p in models))
+    return _wrote(wrote)
+
+
+def _wrote(lines: list[str]) -> int:
+    """Said once the export's files are in place, not while they are still staged."""
+    for line in lines:
+        print(f"wrote {line}")
     return 0
 
 
@@ -229,18 +249,18 @@ def _spiking_v_init(ckpt, args: argparse.Namespace) -> float | None:
     return default_nir_v_init(ckpt.net) if args.v_init is None else args.v_init
 
 
-def _export_nir(ckpt, args: argparse.Namespace) -> None:
+def _export_nir(ckpt, args: argparse.Namespace, path: Path) -> str:
+    """Write the spiking graph to `path` (the staging file of --nir); returns what was written."""
     from mpis.export.nir import export_nir
 
     if args.target != "nirtorch":
-        _export_toolchain_nir(ckpt, args)
-        return
+        return _export_toolchain_nir(ckpt, args, path)
     if args.max_param_growth <= 0:
         raise MpisError(f"--max-param-growth must be > 0, got {args.max_param_growth}")
     print(f"exporting the spiking graph to {args.nir} ({args.flavour}; probing the polyphase blocks) ...", flush=True)
     result = export_nir(
         ckpt.net,
-        Path(args.nir),
+        path,
         args.flavour,
         _spiking_v_init(ckpt, args),
         ckpt.solver_cfg.T,
@@ -249,19 +269,19 @@ def _export_nir(ckpt, args: argparse.Namespace) -> None:
         args.max_param_growth,
     )
     layouts = ", ".join(f"{name} x{layout.factor}" for name, layout in result.layouts.items() if layout.factor > 1)
-    print(
-        f"wrote {args.nir} ({args.flavour}): {len(result.graph.nodes)} nodes, {len(result.graph.edges)} edges; "
-        f"parameters {result.nir_params:,} vs the model's {result.source_params:,} ({result.growth:.2f}x)"
-        + (f"; polyphase layers: {layouts}" if layouts else "")
-    )
     if ckpt.net.neuron.leak != 1.0:
         print(
             "note: with leaky neurons the Trans feedback's first-step response cannot be folded into the "
             "thresholds, so the loop's spike counts drift from the model's (IF neurons are exact)"
         )
+    return (
+        f"{args.nir} ({args.flavour}): {len(result.graph.nodes)} nodes, {len(result.graph.edges)} edges; "
+        f"parameters {result.nir_params:,} vs the model's {result.source_params:,} ({result.growth:.2f}x)"
+        + (f"; polyphase layers: {layouts}" if layouts else "")
+    )
 
 
-def _export_toolchain_nir(ckpt, args: argparse.Namespace) -> None:
+def _export_toolchain_nir(ckpt, args: argparse.Namespace, path: Path) -> str:
     from mpis.export.toolchains import NEURON_RECIPES, export_toolchain_nir
 
     if args.flavour != "exact":
@@ -271,10 +291,10 @@ def _export_toolchain_nir(ckpt, args: argparse.Namespace) -> None:
     v_init = _spiking_v_init(ckpt, args)
     print(f"exporting the spiking graph for {args.target}'s importer to {args.nir} ...", flush=True)
     result = export_toolchain_nir(
-        ckpt.net, Path(args.nir), args.target, v_init, ckpt.solver_cfg.T, args.weight_bits, args.overwrite
+        ckpt.net, path, args.target, v_init, ckpt.solver_cfg.T, args.weight_bits, args.overwrite
     )
-    print(
-        f"wrote {args.nir} (--target {args.target}: {NEURON_RECIPES[args.target].about}): "
+    return (
+        f"{args.nir} (--target {args.target}: {NEURON_RECIPES[args.target].about}): "
         f"{len(result.graph.nodes)} nodes, {len(result.graph.edges)} edges, {result.sequencing} sequencing convs; "
         f"parameters {result.nir_params:,} vs the model's {result.source_params:,} ({result.growth:.2f}x); "
         f"weights dyadic, {args.weight_bits} significant bits per layer"
@@ -307,14 +327,22 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_LIMITS = ("max_body_mb", "max_json_mb", "max_connections", "header_timeout", "body_timeout", "keep_alive_timeout")
+
+
 def _serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise MpisError(f"--port must be 0..65535, got {args.port}")
-    if not args.max_body_mb > 0:
-        raise MpisError(f"--max-body-mb must be positive, got {args.max_body_mb:g}")
-    from mpis.serve.server import serve
+    limits = {name: getattr(args, name) for name in SERVE_LIMITS if getattr(args, name) is not None}
+    for name, value in limits.items():
+        if not value > 0:
+            raise MpisError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
+    from mpis.serve.server import Limits, serve
 
-    serve(Path(args.repo), args.host, args.port, args.backend, not args.no_batching, int(args.max_body_mb * 2**20))
+    for size in ("max_body", "max_json"):  # MiB here, bytes there
+        if f"{size}_mb" in limits:
+            limits[f"{size}_bytes"] = int(limits.pop(f"{size}_mb") * 2**20)
+    serve(Path(args.repo), args.host, args.port, args.backend, not args.no_batching, Limits(**limits))
     return 0
 
 
@@ -468,7 +496,21 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
         help="auto: the ONNX models, and the TensorRT engine models too when TensorRT and CUDA are present",
     )
     serve.add_argument("--no-batching", action="store_true", help="one execution per request (no dynamic batching)")
-    serve.add_argument("--max-body-mb", type=float, default=64.0, help="request body size limit in MiB (default 64)")
+    serve.add_argument("--max-body-mb", type=float, help="request body size limit in MiB (default 64)")
+    serve.add_argument("--max-json-mb", type=float, help="limit of a JSON body or header in MiB (default 8)")
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        help="open connections at once (default 1024, fewer if the open-files limit says so); over it, the oldest "
+        "connection without a complete request is closed, or the newcomer gets 503",
+    )
+    serve.add_argument("--header-timeout", type=float, help="seconds for a request's head to arrive (default 10)")
+    serve.add_argument(
+        "--body-timeout", type=float, help="seconds for a body to arrive, +1 per 64 KiB received (default 30)"
+    )
+    serve.add_argument(
+        "--keep-alive-timeout", type=float, help="seconds an idle connection is kept between requests (default 5)"
+    )
     serve.set_defaults(run=_serve)
 
     simulate = commands.add_parser("simulate", help="run a NIR graph as a spiking network on a dataset's test set")
@@ -549,8 +591,13 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
         help=LAYOUT_HELP,
     )
     check.add_argument("--max-param-growth", type=float, default=DEFAULT_MAX_PARAM_GROWTH, help="as mpis export --nir")
-    check.add_argument("--quiet", action="store_true", help="no progress bar")
-    check.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    check.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    check.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier check's report.json and check.png in --report"
+    )
+    check.add_argument(
+        "--threads", type=int, default=1, help=THREADS_HELP + "; also the toolchains' importers' (--toolchain)"
+    )
     check.set_defaults(run=_check)
 
     demo = commands.add_parser(

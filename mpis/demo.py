@@ -53,6 +53,7 @@ def _run_demo(
     from mpis.export import DEFAULT_MAX_PARAM_GROWTH
     from mpis.export.nir import export_nir
     from mpis.export.onnx import INPUT_NAME, LOGITS_NAME, export_onnx
+    from mpis.export.outputs import ExportOutputs
     from mpis.export.triton import write_triton_repo
     from mpis.model.deployed import default_nir_v_init
     from mpis.train.checkpoint import load_checkpoint
@@ -95,7 +96,10 @@ def _run_demo(
     v0 = default_nir_v_init(ckpt.net)  # what mpis export --nir writes: Vth/2 for IF neurons
     nir = export_nir(ckpt.net, nir_path, "exact", v0, solver_cfg.T, "digits", overwrite, DEFAULT_MAX_PARAM_GROWTH)
     outputs = [(LOGITS_NAME, (ckpt.net.arch.classes,)), *((f"rate_{n.name}", n.shape) for n in ckpt.net.neurons)]
-    triton = write_triton_repo(repo, "mpis", onnx_path, [(INPUT_NAME, ckpt.input_shape)], outputs, 256, None, overwrite)
+    with ExportOutputs() as staged:
+        triton = write_triton_repo(
+            repo, "mpis", onnx_path, [(INPUT_NAME, ckpt.input_shape)], outputs, 256, None, overwrite, staged
+        )
     exported = time.perf_counter()
 
     say(
@@ -111,6 +115,7 @@ def _run_demo(
         min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None else min_agreement,
         progress=progress,
         threads=threads,
+        overwrite=overwrite,  # an existing --out was refused above without it
     )
     report = check(opts)
     done = time.perf_counter()

@@ -1,4 +1,7 @@
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,3 +74,52 @@ def checkpoint(tmp_path_factory):
     args = ["train", "--arch", TINY_ARCH, "--T", "5", "--epochs", "1", "--quiet", "--out", str(out)]
     assert main(args) == 0
     return out / "model.pt"
+
+
+# Runs `mpis` with two faults on markers: SIGKILL just before the KILL_AT-th rename (the moment an atomic
+# write or a staged export commits), and the disk filled to FILL_LEAVING free bytes before a torch.save.
+FAULTY_MPIS = """
+import os, shutil, signal, sys, torch
+from mpis.cli import main
+calls = 0
+def killed_at_marker(rename):
+    def wrapped(src, dst, *args, **kwargs):
+        global calls
+        calls += 1
+        if calls == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return rename(src, dst, *args, **kwargs)
+    return wrapped
+def full_disk_save(obj, f, *args, save=torch.save, **kwargs):
+    folder = os.environ["FILL_FOLDER"]
+    with open(os.path.join(folder, "filler"), "ab") as filler:
+        filler.write(bytes(max(shutil.disk_usage(folder).free - int(os.environ["FILL_LEAVING"]), 0)))
+    return save(obj, f, *args, **kwargs)
+os.replace, os.rename = killed_at_marker(os.replace), killed_at_marker(os.rename)
+if os.environ.get("FILL_FOLDER"):
+    torch.save = full_disk_save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def faulty_mpis(*args: str, kill_at: int = 0, fill=None, leaving: int = 0) -> subprocess.CompletedProcess:
+    """`mpis ARGS` in a subprocess, killed at rename number `kill_at` (0: never), or with its disk `fill`ed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT": str(kill_at), "FILL_FOLDER": str(fill or "")}
+    env["FILL_LEAVING"] = str(leaving)
+    return subprocess.run(
+        [sys.executable, "-c", FAULTY_MPIS, *args], capture_output=True, text=True, timeout=600, env=env
+    )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs (root only: mount needs it), unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+

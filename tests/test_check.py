@@ -139,7 +139,7 @@ def test_artifacts_are_reused_for_the_same_checkpoint_and_foreign_files_are_neve
     folder = tmp_path / "report"
     shutil.copytree(checked[2], folder)
     stamp = (folder / "spikes_v0.nir").stat().st_mtime_ns, (folder / "rates_K5.onnx").stat().st_mtime_ns
-    args = ["check", str(checkpoint), "--T", "5", "--report", str(folder), "--min-agreement", "0", *FAST]
+    args = ["check", str(checkpoint), "--T", "5", "--report", str(folder), "--min-agreement", "0", *FAST, "--overwrite"]
     assert main(args) == 0
     assert ((folder / "spikes_v0.nir").stat().st_mtime_ns, (folder / "rates_K5.onnx").stat().st_mtime_ns) == stamp
     (folder / "spikes_v0.nir").write_bytes((folder / "spikes_v0.nir").read_bytes())  # touched: rewritten
@@ -150,6 +150,24 @@ def test_artifacts_are_reused_for_the_same_checkpoint_and_foreign_files_are_neve
     assert main([*args, "--v-init", "1"]) == 2
     assert "was not written by mpis check" in one_error_line(capsys)
     assert (folder / "spikes_v1.nir").read_text() == "mine"
+
+
+def test_an_earlier_report_is_not_replaced_without_overwrite(checked, checkpoint, tmp_path, capsys):
+    """As `mpis export` treats its outputs: refused before any work (here a --toolchain run, as reported)."""
+    folder = tmp_path / "report"
+    shutil.copytree(checked[2], folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    args = ["check", str(checkpoint), "--T", "5", "--report", str(folder), "--min-agreement", "0", *FAST]
+    assert main([*args, "--toolchain", "norse"]) == 2
+    line = one_error_line(capsys)
+    assert f"{folder / 'report.json'} already exists" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    (folder / "report.json").unlink()  # the plot alone is kept as well
+    assert main(args) == 2
+    assert f"{folder / 'check.png'} already exists" in one_error_line(capsys)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*args, "--overwrite"]) == 0
+    assert json.loads((folder / "report.json").read_text())["T"] == [5]
 
 
 # ---- exit status and bad input: one line each -----------------------------------------------------------

@@ -1,4 +1,5 @@
 import gzip
+import hashlib
 import pickle
 import struct
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from mpis.errors import MpisError
+from mpis.train import data as data_module
 from mpis.train.data import bin_events, load_dataset
 
 
@@ -48,6 +50,39 @@ def test_idx_loader_rejects_truncated_file(tmp_path):
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(MpisError, match="corrupt file .*train-images-idx3-ubyte"):
+        load_dataset("mnist", tmp_path)
+
+
+def content_sha256(path) -> str:
+    raw = path.read_bytes()
+    return hashlib.sha256(gzip.decompress(raw) if path.suffix == ".gz" else raw).hexdigest()
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize(
+    ("owner", "asked", "owner_name", "asked_name"),
+    [
+        ("mnist", "fashion-mnist", "MNIST", "Fashion-MNIST"),
+        ("fashion-mnist", "mnist", "Fashion-MNIST", "MNIST"),
+    ],
+)
+def test_the_other_datasets_published_files_are_refused_naming_it(
+    tmp_path, monkeypatch, compress, owner, asked, owner_name, asked_name
+):
+    make_idx_set(tmp_path, compress=compress)
+    path = tmp_path / ("train-images-idx3-ubyte" + (".gz" if compress else ""))
+    monkeypatch.setitem(data_module.KNOWN_IDX, content_sha256(path), (owner, "train-images-idx3-ubyte"))
+    with pytest.raises(MpisError) as err:
+        load_dataset(asked, tmp_path)
+    assert str(err.value) == f"{path} is {owner_name}'s, not {asked_name}'s: pass --dataset {owner}"
+    assert len(load_dataset(owner, tmp_path).train) == 6  # under its own name it loads
+
+
+def test_a_published_test_file_renamed_as_the_training_file_is_refused(tmp_path, monkeypatch):
+    make_idx_set(tmp_path)
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    monkeypatch.setitem(data_module.KNOWN_IDX, content_sha256(path), ("mnist", "t10k-labels-idx1-ubyte"))
+    with pytest.raises(MpisError, match="is MNIST's t10k-labels-idx1-ubyte, not its train-labels-idx1-ubyte"):
         load_dataset("mnist", tmp_path)
 
 

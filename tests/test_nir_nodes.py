@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+
+import h5py
 import nir
 import nirtorch
 import numpy as np
@@ -5,6 +10,8 @@ import pytest
 import torch
 
 from mpis.errors import MpisError
+from mpis.export import nir_limits
+from mpis.export.nir_limits import check_declared_sizes
 from mpis.export.nir_nodes import read_nir, subtract_reset_if
 from mpis.model.neurons import NeuronParams, neuron_step
 from mpis.spike.nirtorch_map import node_map
@@ -62,3 +69,83 @@ def test_a_truncated_real_nir_file_fails_with_one_line(tmp_path):
     (tmp_path / "cut.nir").write_bytes(data[: len(data) // 2])
     with pytest.raises(MpisError, match="not a readable NIR file"):
         read_nir(tmp_path / "cut.nir")
+
+
+# ---- sizes declared in the file, checked before anything is read ------------------------------------------
+def declared_bomb(path, shape=(2**14, 2**14, 3)) -> None:
+    """A valid IF graph whose integrator's `r` is replaced by a chunked, compressed dataset of `shape` that
+    holds only its fill value: a few kilobytes on disk, 3 GiB once read."""
+    nir.write(path, if_graph(1.0, 0.0, (4,)))
+    with h5py.File(path, "a") as f:
+        node = f["node/nodes/layer.i"]
+        del node["r"]
+        node.create_dataset("r", shape=shape, dtype="float32", chunks=(256, 256, 1), compression="gzip", fillvalue=1)
+
+
+READ_AND_MEASURE = """
+import resource, sys
+from mpis.cli import main
+code = main(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+sys.exit(code)
+"""
+
+
+def test_a_kilobyte_file_declaring_gigabytes_is_refused_in_one_line_before_reading(tmp_path):
+    path = tmp_path / "bomb.nir"
+    declared_bomb(path)
+    assert path.stat().st_size < 100_000
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MPIS_NIR_MAX_GIB", None)
+    args = [sys.executable, "-c", READ_AND_MEASURE, "simulate", str(path), "--T", "3"]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mpis: error: ") and "Traceback" not in done.stderr, err
+    assert "declares over 2 GiB of arrays" in err[0] and "16384x16384x3 float32" in err[0]
+    assert int(done.stdout.split()[-1]) < 500  # MB at peak, torch included; reading it would take 3.2 GB
+
+
+def test_a_dataset_linked_twice_counts_twice_and_the_limit_can_be_raised(tmp_path, monkeypatch):
+    path = tmp_path / "links.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("a/w", shape=(700, 1024), dtype="uint8", chunks=(100, 1024), compression="gzip")
+        f["b"] = h5py.SoftLink("/a/w")  # nir.read would read it twice
+    monkeypatch.setenv("MPIS_NIR_MAX_GIB", str(1 / 1024))  # 1 MiB: one copy fits, two do not
+    with pytest.raises(MpisError, match=r"declares over 0.000976562 GiB .*MPIS_NIR_MAX_GIB"):
+        check_declared_sizes(path)
+    monkeypatch.setenv("MPIS_NIR_MAX_GIB", str(2 / 1024))
+    check_declared_sizes(path)
+
+
+def test_a_link_to_another_file_is_refused(tmp_path):
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f.create_dataset("w", data=np.zeros(3))
+    nir.write(tmp_path / "if.nir", if_graph(1.0, 0.0))
+    with h5py.File(tmp_path / "if.nir", "a") as f:
+        f["node/nodes/layer.i/extra"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/w")
+    with pytest.raises(MpisError, match="links to another file"):
+        read_nir(tmp_path / "if.nir")
+
+
+def test_absurd_node_and_edge_counts_are_refused(tmp_path, monkeypatch):
+    nir.write(tmp_path / "if.nir", if_graph(1.0, 0.0))  # 5 nodes, 5 edges
+    monkeypatch.setattr(nir_limits, "NIR_MAX_EDGES", 4)
+    with pytest.raises(MpisError, match="declares 5 edges, over 4"):
+        read_nir(tmp_path / "if.nir")
+    monkeypatch.setattr(nir_limits, "NIR_MAX_EDGES", 5)
+    read_nir(tmp_path / "if.nir")
+    monkeypatch.setattr(nir_limits, "NIR_MAX_NODES", 4)
+    with pytest.raises(MpisError, match="declares over 4 nodes"):
+        read_nir(tmp_path / "if.nir")
+
+
+def test_a_declared_activation_shape_beyond_the_limit_is_refused(tmp_path):
+    shape = np.array([4096, 4096, 4096])  # nothing of it is stored: the runtime would allocate it per input
+    graph = nir.NIRGraph(
+        {"input": nir.Input(input_type={"input": shape}), "output": nir.Output(output_type={"output": shape})},
+        [("input", "output")],
+    )
+    nir.write(tmp_path / "wide.nir", graph)
+    with pytest.raises(MpisError, match="node 'input' declares the shape 4096x4096x4096"):
+        read_nir(tmp_path / "wide.nir")

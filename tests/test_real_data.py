@@ -3,13 +3,16 @@ datasets define them. Point MPIS_DATA at a folder holding fashion-mnist/, mnist/
 cifar-10-subset/ (each in its standard layout; Fashion-MNIST is also Debian's `dataset-fashion-mnist`);
 without them these tests skip."""
 
+import gzip
+import hashlib
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from mpis.train.data import load_dataset
+from mpis.errors import MpisError
+from mpis.train.data import KNOWN_IDX, load_dataset
 
 DATA = Path(os.environ.get("MPIS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -35,6 +38,27 @@ def test_the_official_idx_files_load_whole(dataset):
     assert torch.bincount(labels).tolist() == TEST_CLASS_COUNTS[dataset]
     x = data.train[0][0]
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and float(x.max()) > 0.5
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "mnist"])
+def test_every_official_idx_file_is_known_as_itself(dataset):
+    paths = sorted(folder(dataset).glob("*-ubyte.gz"))
+    assert len(paths) == 4
+    for path in paths:
+        digest = hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest()
+        assert KNOWN_IDX.get(digest) == (dataset, path.name.removesuffix(".gz")), path
+
+
+@pytest.mark.parametrize(
+    ("files", "asked", "message"),
+    [
+        ("mnist", "fashion-mnist", "is MNIST's, not Fashion-MNIST's: pass --dataset mnist"),
+        ("fashion-mnist", "mnist", "is Fashion-MNIST's, not MNIST's: pass --dataset fashion-mnist"),
+    ],
+)
+def test_mnist_and_fashion_mnist_are_refused_under_each_others_name(files, asked, message):
+    with pytest.raises(MpisError, match=message):
+        load_dataset(asked, folder(files))
 
 
 def test_the_nmnist_subset_loads_as_event_frames():

@@ -2,52 +2,19 @@
 as if it had never stopped, and `--overwrite` never mixes two runs."""
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import faulty_mpis
 
 from mpis.train.checkpoint import load_checkpoint, read_payload
 
 TINY = ["--arch", "4C3-2F1*(6C3S2-8C3)-FC10", "--T", "4", "--batch-size", "128", "--quiet", "--threads", "1"]
-# Runs `mpis` with two faults on markers: SIGKILL just before the KILL_AT-th rename (the moment an atomic
-# write would commit), and the disk filled to FILL_LEAVING free bytes just before a checkpoint is saved.
-FAULTY_MPIS = """
-import os, shutil, signal, sys, torch
-from mpis.cli import main
-calls, rename, save = 0, os.replace, torch.save
-def replace(src, dst):
-    global calls
-    calls += 1
-    if calls == int(os.environ["KILL_AT"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return rename(src, dst)
-def full_disk_save(obj, f, *args, **kwargs):
-    folder = os.environ["FILL_FOLDER"]
-    with open(os.path.join(folder, "filler"), "ab") as filler:
-        filler.write(bytes(max(shutil.disk_usage(folder).free - int(os.environ["FILL_LEAVING"]), 0)))
-    return save(obj, f, *args, **kwargs)
-os.replace = replace
-if os.environ.get("FILL_FOLDER"):
-    torch.save = full_disk_save
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def mpis(*args: str, kill_at: int = 0, fill: Path | None = None, leaving: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT": str(kill_at), "FILL_FOLDER": str(fill or "")}
-    env["FILL_LEAVING"] = str(leaving)
-    return subprocess.run(
-        [sys.executable, "-c", FAULTY_MPIS, *args], capture_output=True, text=True, timeout=300, env=env
-    )
-
-
 def train(out: Path, *extra: str, **faults) -> subprocess.CompletedProcess:
-    return mpis("train", *TINY, "--epochs", "2", "--out", str(out), *extra, **faults)
+    return faulty_mpis("train", *TINY, "--epochs", "2", "--out", str(out), *extra, **faults)
 
 
 def history(out: Path) -> list[dict]:
@@ -106,16 +73,16 @@ def test_resume_needs_a_finished_epoch_and_keeps_the_runs_settings(tmp_path):
     nothing = train(out, "--resume")
     assert nothing.returncode == 2 and "start the run without --resume" in nothing.stderr
     assert train(out, kill_at=3).returncode == -9
-    changed = mpis("train", "--out", str(out), "--resume", "--lr", "0.5")
+    changed = faulty_mpis("train", "--out", str(out), "--resume", "--lr", "0.5")
     assert changed.returncode == 2
     assert changed.stderr.strip().splitlines() == [
         "mpis: error: --resume continues the run as it was started: --lr 0.5 differs from its 0.002 "
         "(drop the flag, or start a new run with --overwrite or another --out)"
     ]
-    both = mpis("train", "--out", str(out), "--resume", "--overwrite")
+    both = faulty_mpis("train", "--out", str(out), "--resume", "--overwrite")
     assert both.returncode == 2 and "pass one of them" in both.stderr
     # the run's own settings come from model.pt: the flags need not be repeated; the device may change
-    finished = mpis("train", "--out", str(out), "--resume", "--device", "cpu", "--quiet")
+    finished = faulty_mpis("train", "--out", str(out), "--resume", "--device", "cpu", "--quiet")
     assert finished.returncode == 0, finished.stderr
     assert [m["epoch"] for m in history(out)] == [1, 2]
 
@@ -129,18 +96,6 @@ def test_overwrite_killed_mid_run_never_leaves_two_runs_mixed(tmp_path, uninterr
     assert_consistent(out)
     assert load_checkpoint(out / "model.pt").train_cfg.seed == 1  # the new run's epoch 1, old metrics gone
     assert not (out / "metrics.jsonl").exists()
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 6 MiB tmpfs (root only: mount needs it), unmounted afterwards."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 def fill(disk: Path) -> Path:

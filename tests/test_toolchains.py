@@ -21,7 +21,7 @@ from mpis.errors import MpisError
 from mpis.export.fixed_point import dyadic_copy
 from mpis.export.toolchains import _check_schedule, _depth_first, build_toolchain_nir, export_toolchain_nir
 from mpis.model.network import MPISNet
-from mpis.spike.toolchains import parse_toolchains, run_toolchain
+from mpis.spike.toolchains import Toolchain, parse_toolchains, run_toolchain
 from mpis.train.checkpoint import load_checkpoint
 from mpis.train.data import load_dataset
 
@@ -188,13 +188,18 @@ def test_check_toolchain_reports_identity_and_agreement_and_names_what_cannot_ru
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         spec = "norse,spyx,snntorch" + (f",sinabs={SINABS_PYTHON}" if Path(SINABS_PYTHON).is_file() else "")
-        code = main([*args, "--quiet", "--report", str(folder), "--min-agreement", "0", "--toolchain", spec])
+        code = main([*args, "--threads", "2", "--report", str(folder), "--min-agreement", "0", "--toolchain", spec])
     assert code == 0
     text = out.getvalue()
     assert "toolchains (their own NIR importers" in text and "norse 1.1.0" in text
+    # a line as each importer starts and as it ends (they may run for many minutes)
+    assert "toolchain norse: toolchain_norse_v0.5vth.nir at T = 5 on 24 inputs, 2 thread(s) ...\n" in text
+    assert re.search(r"toolchain norse 1.1.0: toolchain_norse_v0.5vth.nir at T = 5 ran in [0-9.]+ s\n", text)
+    assert "toolchain spyx: skipped, no mpis export for it yet" in text
     report = json.loads((folder / "report.json").read_text())
     rows = {r["toolchain"]: r for r in report["toolchains"]}
     assert rows["norse"]["status"] == "ran" and rows["norse"]["identical"] == 1.0
+    assert rows["norse"]["threads"] == 2  # --threads reached the importer's process
     assert rows["norse"]["agreement_mpis"] == 1.0 and 0.0 <= rows["norse"]["agreement_onnx"] <= 1.0
     assert Path(rows["norse"]["file"]).is_file()
     assert rows["spyx"]["status"].startswith("no mpis export") and rows["spyx"]["identical"] is None
@@ -205,6 +210,23 @@ def test_check_toolchain_reports_identity_and_agreement_and_names_what_cannot_ru
             assert rows[other]["identical"] == 1.0 and rows[other]["agreement_mpis"] == 1.0
         else:
             assert rows[other]["status"].startswith("not installed") and rows[other]["identical"] is None
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_importer_runs_with_the_threads_asked_for(target, tmp_path):
+    path = tmp_path / f"{target}.nir"
+    export_toolchain_nir(spiky_net(divided_arch("16C3S1-2F1*(32C3S2-48C3S1)-FC10"), (1, 8, 8)), path, target, 0.5)
+    toolchain, x = parse_toolchains(toolchain_spec(target))[0], torch.rand(2, 1, 8, 8)
+    assert [run_toolchain(toolchain, path, x, 2, batch=2, threads=n).threads for n in (1, 3)] == [1, 3]
+
+
+def test_a_toolchain_file_is_read_through_the_size_limits_before_its_importer_starts(tmp_path, monkeypatch):
+    path = tmp_path / "norse.nir"
+    export_toolchain_nir(spiky_net(divided_arch("16C3S1-2F1*(32C3S2-48C3S1)-FC10"), (1, 8, 8)), path, "norse", 0.5)
+    monkeypatch.setenv("MPIS_NIR_MAX_GIB", str(1 / 2**30))  # one byte
+    nowhere = Toolchain("norse", str(tmp_path / "no-python"))
+    with pytest.raises(MpisError, match="GiB of arrays"):  # not the missing interpreter: nothing was started
+        run_toolchain(nowhere, path, torch.rand(2, 1, 8, 8), 2, batch=2)
 
 
 @pytest.mark.parametrize("target", ["norse", "sinabs", "snntorch"])

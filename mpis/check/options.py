@@ -78,6 +78,7 @@ class CheckOptions:
     burn_in: int = 0  # steps simulated before spikes are counted (the loop settles from the zero state)
     layout: str = "graph"  # spike runtime: every node as written, or mpis layers in native layout (faster)
     toolchains: str | None = None  # e.g. "norse,sinabs=/venv/bin/python": their own importers, on toolchain files
+    overwrite: bool = False  # replace an earlier check's report.json and check.png
 
 
 DEFAULT_V_INITS = "0,0.5vth"

@@ -101,6 +101,7 @@ class ToolchainRow:
     agreement_mpis: float | None = None
     agreement_onnx: float | None = None
     seconds: float = 0.0
+    threads: int = 0  # torch's threads in the importer's process (its seconds depend on them)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

@@ -18,7 +18,8 @@ reference of each T is an ONNX graph with horizon T.
 Artifacts (ONNX, NIR, report.json, check.png) go into the report folder, `DIR/check/` next to the
 checkpoint by default, with a manifest (`artifacts.json`) recording the checkpoint's SHA-256, the export
 parameters and each file's size and mtime: a file is reused only when all of them still match, and a file
-the manifest does not list is never overwritten.
+the manifest does not list is never overwritten. An earlier check's report.json and check.png are outputs, not
+cache: as `mpis export` does, they are replaced only with --overwrite, and refused before any work.
 
 The steps, in order: `validated` options (before anything is written), the `check_data`, the `spiking_graphs`
 and `rate_graphs` (artifacts), `reference_quality`, the `spike_runs`, the `toolchain_runs`, the report.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,7 @@ import torch
 
 from mpis.check.artifacts import Artifacts, file_sha256
 from mpis.check.options import DEFAULT_V_INITS, CheckOptions, VInit, parse_steps, parse_v_inits
-from mpis.check.report import CheckReport, LayerError, Row, ToolchainRow, verdict, write_report
+from mpis.check.report import PLOT, REPORT, CheckReport, LayerError, Row, ToolchainRow, verdict, write_report
 from mpis.errors import MpisError
 from mpis.export import DEFAULT_MAX_PARAM_GROWTH, DEFAULT_WEIGHT_BITS
 from mpis.export.fixed_point import dyadic_copy
@@ -88,6 +90,7 @@ class _Plan:
     steps: tuple[int, ...]
     toolchains: tuple[Toolchain, ...]
     growth: float
+    folder: Path  # the report folder
 
 
 def validated(opts: CheckOptions) -> _Plan:
@@ -108,7 +111,13 @@ def validated(opts: CheckOptions) -> _Plan:
     if growth <= 0:
         raise MpisError(f"--max-param-growth must be > 0, got {growth:g}")
     resolve_device(opts.device)
-    return _Plan(steps, toolchains, growth)
+    folder = Path(opts.report_dir).resolve() if opts.report_dir else Path(opts.checkpoint).resolve().parent / "check"
+    for name in (REPORT, PLOT):
+        if (folder / name).exists() and not opts.overwrite:
+            raise MpisError(
+                f"{folder / name} already exists (an earlier check's); choose another --report or pass --overwrite"
+            )
+    return _Plan(steps, toolchains, growth, folder)
 
 
 def check_data(opts: CheckOptions, ckpt: Checkpoint, checkpoint: Path, steps: tuple[int, ...]) -> CheckData:
@@ -296,7 +305,7 @@ def run_check(opts: CheckOptions) -> CheckReport:
         v_inits = () if opts.nir_files else parse_v_inits(opts.v_inits or DEFAULT_V_INITS, ckpt.net.neuron.vth)
         iterations = opts.iterations or max(steps[-1], ckpt.solver_cfg.T)
         sha = file_sha256(checkpoint)
-        cache = Artifacts(Path(opts.report_dir).resolve() if opts.report_dir else checkpoint.parent / "check", sha)
+        cache = Artifacts(plan.folder, sha)
         data = check_data(opts, ckpt, checkpoint, steps)
         spiking = spiking_graphs(opts, ckpt, v_inits, cache, data, plan.growth)
         # parity sample of the export: the first inputs (in a loop that is not a contraction for every input,
@@ -309,7 +318,10 @@ def run_check(opts: CheckOptions) -> CheckReport:
         reference = reference_quality(ckpt.net, sessions[h], sample, iterations, h or None, layer_names)
         rows, onnx_preds = spike_runs(opts, spiking, sessions, data, steps, layer_names)
         v_inits = tuple(s.v_init for s in spiking)
-        toolchain_rows = toolchain_runs(plan.toolchains, ckpt, v_inits, steps, data, opts.batch, cache, onnx_preds)
+        say = (lambda line: print(line, flush=True)) if opts.progress else (lambda _line: None)
+        toolchain_rows = toolchain_runs(
+            plan.toolchains, ckpt, v_inits, steps, data, opts.batch, cache, onnx_preds, opts.threads, say
+        )
         artifacts = {
             "folder": str(cache.folder),
             "onnx": {str(h or "none"): str(p) for h, p in onnx_paths.items()},
@@ -338,10 +350,20 @@ def run_check(opts: CheckOptions) -> CheckReport:
 
 
 def toolchain_runs(
-    toolchains, ckpt, v_inits, steps, data: CheckData, batch: int, cache: Artifacts, onnx_preds
+    toolchains,
+    ckpt,
+    v_inits,
+    steps,
+    data: CheckData,
+    batch: int,
+    cache: Artifacts,
+    onnx_preds,
+    threads: int,
+    say: Callable[[str], None],
 ) -> list[ToolchainRow]:
-    """Each toolchain's own importer on its file (exported here, one per numeric v_init) at every T,
-    against mpis's spikes of the same dyadic net (simulated once for all toolchains) and ONNX's argmax."""
+    """Each toolchain's own importer on its file (exported here, one per numeric v_init) at every T, with
+    `threads` threads, against mpis's spikes of the same dyadic net (simulated once for all toolchains) and
+    ONNX's argmax. An importer may take many minutes: `say` gets a line as each run starts and ends."""
     if not toolchains:
         return []
     rows: list[ToolchainRow] = []
@@ -351,6 +373,7 @@ def toolchain_runs(
     for toolchain in toolchains:
         reason = missing(toolchain)
         if reason:
+            say(f"toolchain {toolchain.name}: skipped, {reason}")
             rows += [ToolchainRow(toolchain.name, v.label, t, reason) for v in numeric for t in steps]
         else:
             ready.append(toolchain)
@@ -368,7 +391,12 @@ def toolchain_runs(
         reference.v_init = v.value
         for t in steps:
             x, _ = data.sample(t, range(data.count))
-            runs = {toolchain: run_toolchain(toolchain, paths[toolchain], x, t, batch) for toolchain in ready}
+            runs = {}
+            for toolchain in ready:
+                name = paths[toolchain].name
+                say(f"toolchain {toolchain.name}: {name} at T = {t} on {data.count} inputs, {threads} thread(s) ...")
+                runs[toolchain] = run = run_toolchain(toolchain, paths[toolchain], x, t, batch, threads)
+                say(f"toolchain {toolchain.name} {run.version}: {name} at T = {t} ran in {run.seconds:.1f} s")
             same, agree, total = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0), 0
             for start in range(0, data.count, batch):
                 part = slice(start, start + batch)
@@ -385,6 +413,7 @@ def toolchain_runs(
                 identical, agreement = same[toolchain] / total, agree[toolchain] / data.count
                 row = ToolchainRow(toolchain.name, v.label, t, "ran", run.version, str(paths[toolchain]), identical)
                 row.agreement_mpis, row.agreement_onnx, row.seconds = agreement, onnx, run.seconds
+                row.threads = run.threads
                 rows.append(row)
     return rows
 
@@ -436,6 +465,7 @@ def cli_check(args) -> int:
         burn_in=args.burn_in,
         layout=args.layout,
         toolchains=args.toolchain,
+        overwrite=args.overwrite,
     )
     report = check(opts)
     for line in report.lines():

@@ -44,23 +44,27 @@ def subtract_reset_if(
 
 
 def read_nir(path: str | Path, type_check: bool = True):
-    """`nir.read` with type checking, turning a missing, truncated or foreign file into one clear error."""
+    """`nir.read` with type checking, turning a missing, truncated, foreign or oversized file into one clear
+    error; every size the file declares is checked before its arrays are read (mpis.export.nir_limits)."""
     import nir
+
+    from mpis.export.nir_limits import check_declared_sizes, check_shapes
 
     path = Path(path)
     if not path.is_file():
         raise MpisError(f"NIR file {path} does not exist")
+    check_declared_sizes(path)
     try:
-        return nir.read(path, type_check=type_check)
+        graph = nir.read(path, type_check=type_check)
     except Exception as err:  # h5py and nir raise many types for damaged or foreign files
-        problem = err
-    try:  # a file for Sinabs' nir 1.0.4 broadcasts neuron parameters, which nir 1.0.8's types refuse
-        graph = nir.read(path, type_check=False)
-        if graph.metadata.get("target") == "sinabs":
-            return graph
-    except Exception:  # the first error is the one to report
-        pass
-    raise MpisError(f"{path} is not a readable NIR file ({type(problem).__name__}: {str(problem)[:120]})") from None
+        try:  # a file for Sinabs' nir 1.0.4 broadcasts neuron parameters, which nir 1.0.8's types refuse
+            graph = nir.read(path, type_check=False)
+        except Exception:  # the first error is the one to report
+            graph = None
+        if graph is None or graph.metadata.get("target") != "sinabs":
+            raise MpisError(f"{path} is not a readable NIR file ({type(err).__name__}: {str(err)[:120]})") from None
+    check_shapes(graph, path)
+    return graph
 
 
 def writable_nir_path(path: str | Path, overwrite: bool) -> Path:
@@ -74,16 +78,25 @@ def writable_nir_path(path: str | Path, overwrite: bool) -> Path:
 
 
 def write_nir(path: Path, graph, type_check: bool = True, finish=None) -> None:
-    """Write atomically; `finish(tmp)` edits the file first, and it must read back (with type checking
-    unless the target's nir does none) before it replaces anything."""
+    """Write atomically; `finish(file)` edits the HDF5 file first, and it must read back (with type checking
+    unless the target's nir does none) before it replaces anything. Built in memory, so that libhdf5 never
+    meets a full disk (it took the process down with a segfault); the bytes are then written like any file."""
+    import io
+
     import nir
 
-    from mpis.train.checkpoint import atomic_write
+    from mpis.train.checkpoint import SPACE_MARGIN, atomic_write, free_mb, no_space_message
+
+    buffer = io.BytesIO()
+    nir.write(buffer, graph)
+    if finish is not None:
+        finish(buffer)
+    data = buffer.getvalue()
+    if free_mb(path.parent) * 2**20 < len(data) + SPACE_MARGIN:
+        raise MpisError(no_space_message(path, f" ({len(data) / 2**20:,.1f} MB)"))
 
     def write(tmp: str) -> None:
-        nir.write(tmp, graph)
-        if finish is not None:
-            finish(tmp)
+        Path(tmp).write_bytes(data)
         read_nir(tmp, type_check=type_check)
 
     try:

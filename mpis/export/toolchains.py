@@ -726,12 +726,12 @@ def export_toolchain_nir(
     return result
 
 
-def _without_v_reset(path: str) -> None:
+def _without_v_reset(file) -> None:
     """nir 1.0.8 writes `v_reset` for every LIF; nir <= 1.0.4 (which Sinabs pins) refuses the argument.
     The recipes reset by their own feedback, so the dataset carries nothing: drop it."""
     import h5py
 
-    with h5py.File(path, "r+") as f:
+    with h5py.File(file, "r+") as f:
         nodes = f["node"]["nodes"]
         for name in nodes:
             if "v_reset" in nodes[name]:

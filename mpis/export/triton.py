@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
+from functools import partial
 from pathlib import Path
 
 from mpis.errors import MpisError
+from mpis.export.outputs import ExportOutputs
+from mpis.train.checkpoint import atomic_write, fsync_path, remove_leftovers
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 QUEUE_DELAY_US = 100
@@ -56,10 +58,13 @@ def write_triton_repo(
     inputs: list[tuple[str, tuple[int, ...]]],
     outputs: list[tuple[str, tuple[int, ...]]],
     max_batch_size: int,
-    plan_path: Path | None = None,
-    overwrite: bool = False,
+    plan_path: Path | None,
+    overwrite: bool,
+    staged: ExportOutputs,
 ) -> list[Path]:
-    """Write the model folder(s); each appears whole (built beside it, then renamed) or not at all."""
+    """Stage the model folder(s) in `staged`, committed with the export's other files. A new model appears
+    whole (its folder renamed into place); an existing one (--overwrite) is replaced Triton's way: version
+    N+1 beside N, then the new config.pbtxt, then N removed, so the repository never lacks a model."""
     check_model_settings(name, max_batch_size)
     try:
         repo.mkdir(parents=True, exist_ok=True)
@@ -69,21 +74,45 @@ def write_triton_repo(
     if plan_path is not None:
         models.append((f"{name}_trt", "tensorrt_plan", plan_path, "model.plan"))
     for model, *_ in models:
-        if (repo / model).exists() and not overwrite:
-            raise MpisError(f"{repo / model} already exists; choose another --name or pass --overwrite")
-    written = []
+        target = repo / model
+        if target.exists() and not (overwrite and target.is_dir()):
+            raise MpisError(f"{target} already exists; choose another --name or pass --overwrite")
     for model, platform, source, filename in models:
-        staging = Path(tempfile.mkdtemp(dir=repo, prefix=f".{model}."))
+        target = repo / model
+        config = model_config(model, platform, max_batch_size, inputs, outputs)
         try:
-            (staging / "1").mkdir()
-            shutil.copyfile(source, staging / "1" / filename)
-            (staging / "config.pbtxt").write_text(model_config(model, platform, max_batch_size, inputs, outputs))
-            staging.chmod(0o755)
-            target = repo / model
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-            written.append(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return written
+            if target.is_dir():
+                _stage_next_version(target, config, source, filename, staged)
+            else:
+                folder = staged.folder(repo, model)
+                (folder / "1").mkdir()
+                shutil.copyfile(source, folder / "1" / filename)
+                (folder / "config.pbtxt").write_text(config)
+                folder.chmod(0o755)
+                staged.on_commit(partial(_rename_into_place, folder, target))
+        except OSError as err:
+            raise MpisError(f"cannot write Triton model {target}: {err.strerror}") from None
+    return [repo / model for model, *_ in models]
+
+
+def _stage_next_version(target: Path, config: str, source: Path, filename: str, staged: ExportOutputs) -> None:
+    remove_leftovers(target / "config.pbtxt")  # a killed export's, in its atomic write
+    versions = [int(p.name) for p in target.iterdir() if p.name.isdigit()]
+    version = max(versions, default=0) + 1
+    folder = staged.folder(target, str(version))
+    shutil.copyfile(source, folder / filename)
+    folder.chmod(0o755)
+
+    def swap() -> None:
+        _rename_into_place(folder, target / str(version))
+        atomic_write(target / "config.pbtxt", lambda tmp: Path(tmp).write_text(config))
+        for old in versions:
+            shutil.rmtree(target / str(old))
+        fsync_path(target)
+
+    staged.on_commit(swap)
+
+
+def _rename_into_place(folder: Path, target: Path) -> None:
+    folder.rename(target)
+    fsync_path(target.parent)

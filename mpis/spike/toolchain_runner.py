@@ -3,11 +3,12 @@
 Standalone on purpose (numpy, torch, nir and the toolchain only, no mpis): `mpis check --toolchain` runs
 it with the toolchain's interpreter, which may be another environment (Sinabs pins nir <= 1.0.4).
 
-    python toolchain_runner.py TOOLCHAIN FILE.nir INPUTS.npy OUT.npz STEPS BATCH
+    python toolchain_runner.py TOOLCHAIN FILE.nir INPUTS.npy OUT.npz STEPS BATCH THREADS
 
 INPUTS.npy: (B, *input shape) fed at every step, or (B, frames, *input shape), frame t·frames//STEPS at
 step t (as mpis). OUT.npz: the spike count of every node named in the file's metadata "layers", and
-"logits", the importer's output summed over the steps. One line of JSON on stdout: the versions used.
+"logits", the importer's output summed over the steps. THREADS: torch's intra-op threads (mpis check
+--threads). One line of JSON on stdout: the versions used and the threads torch ran with.
 """
 
 from __future__ import annotations
@@ -92,10 +93,12 @@ IMPORTERS = {"norse": _norse, "sinabs": _sinabs, "snntorch": _snntorch}
 def main(argv: list[str]) -> int:
     import nir
 
-    toolchain, path, inputs, out, steps, batch = argv[0], argv[1], argv[2], argv[3], int(argv[4]), int(argv[5])
+    toolchain, path, inputs, out = argv[:4]
+    steps, batch, threads = (int(v) for v in argv[4:7])
     if toolchain not in IMPORTERS:
         print(f"no importer for {toolchain!r}", file=sys.stderr)
         return 2
+    torch.set_num_threads(threads)  # torch's own default counts the machine's cores, not --threads
     graph = nir.read(path)
     layers = graph.metadata["layers"]
     x_all = torch.from_numpy(np.load(inputs))
@@ -119,7 +122,8 @@ def main(argv: list[str]) -> int:
             logits.append(np.asarray(total))
     arrays = {f"layer_{layer}": np.concatenate(parts) for layer, parts in counts.items()}
     np.savez(out, logits=np.concatenate(logits), **arrays)
-    print(json.dumps({"toolchain": toolchain, "version": version, "nir": getattr(nir, "__version__", "?")}))
+    versions = {"toolchain": toolchain, "version": version, "nir": getattr(nir, "__version__", "?")}
+    print(json.dumps({**versions, "threads": torch.get_num_threads()}))
     return 0
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from mpis.errors import MpisError
+from mpis.export.nir_nodes import read_nir
 from mpis.export.toolchains import TARGETS, Geometry
 
 TOOLCHAINS = ("norse", "sinabs", "snntorch", "spyx")
@@ -69,20 +71,25 @@ class ToolchainRun:
     logits: Tensor
     version: str
     seconds: float
+    threads: int  # torch's intra-op threads in the importer's process, as it reported them
 
 
-def run_toolchain(toolchain: Toolchain, path: Path, x: Tensor, steps: int, batch: int) -> ToolchainRun:
-    """`path` through the toolchain's importer on `x` for `steps` steps (in its own process)."""
-    import nir
-
-    graph = nir.read(path, type_check=False)  # a file for an older nir may broadcast its parameters
+def run_toolchain(
+    toolchain: Toolchain, path: Path, x: Tensor, steps: int, batch: int, threads: int = 1
+) -> ToolchainRun:
+    """`path` through the toolchain's importer on `x` for `steps` steps, in its own process with `threads`
+    threads: torch's (the runner sets them) and every OpenMP/MKL pool's, which read the environment."""
+    # read here first, through mpis's size limits: the runner's own nir.read then reads a file known to be sane
+    # (and a file for an older nir may broadcast its parameters: no type check)
+    graph = read_nir(path, type_check=False)
     layers = graph.metadata["layers"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory(prefix="mpis-toolchain-") as tmp:
         inputs, out = Path(tmp) / "inputs.npy", Path(tmp) / "out.npz"
         np.save(inputs, x.numpy().astype(np.float32))
         start = time.perf_counter()
-        args = [toolchain.python, str(RUNNER), toolchain.name, str(path), str(inputs), str(out), str(steps), str(batch)]
-        done = subprocess.run(args, capture_output=True, text=True)
+        args = [toolchain.python, str(RUNNER), toolchain.name, str(path), str(inputs), str(out)]
+        done = subprocess.run([*args, str(steps), str(batch), str(threads)], capture_output=True, text=True, env=env)
         seconds = time.perf_counter() - start
         if done.returncode:
             last = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -93,4 +100,5 @@ def run_toolchain(toolchain: Toolchain, path: Path, x: Tensor, steps: int, batch
             geo = Geometry(int(info["channels"]), int(info["size"]), int(info["dilation"]), 0)
             counts[layer] = geo.to_native(torch.from_numpy(result[f"layer_{layer}"]))
         info = json.loads(done.stdout.strip().splitlines()[-1])
-        return ToolchainRun(counts, torch.from_numpy(result["logits"]), str(info.get("version", "?")), seconds)
+        logits, version = torch.from_numpy(result["logits"]), str(info.get("version", "?"))
+        return ToolchainRun(counts, logits, version, seconds, int(info.get("threads", 0)))

@@ -73,15 +73,16 @@ def _atomic_write(path: Path, write) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the user's usual mode
-        _fsync(tmp)  # the bytes on disk before the name points at them: a power cut leaves old or new
+        fsync_path(tmp)  # the bytes on disk before the name points at them: a power cut leaves old or new
         os.replace(tmp, path)
-        _fsync(path.parent)  # and the rename itself
+        fsync_path(path.parent)  # and the rename itself
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _fsync(path: Path | str) -> None:
+def fsync_path(path: Path | str) -> None:
+    """fsync a file (its bytes) or a folder (its entries: a rename is durable only then)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
