@@ -6,13 +6,18 @@ import http.client
 import importlib.util
 import io
 import json
+import logging
+import re
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import onnxruntime as ort
@@ -25,10 +30,12 @@ from tritonclient.utils import InferenceServerException
 
 from mpis.cli import main
 from mpis.errors import MpisError
-from mpis.serve.server import ModelServer, parse_pbtxt, read_model
+from mpis.serve import limits
+from mpis.serve.server import Limits, ModelServer, RequestError, json_array, parse_pbtxt, read_model
 
 MAX_BATCH = 8
 BODY_LIMIT = 200_000
+JSON_LIMIT = 100_000
 TENSORRT_READY = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
 
@@ -49,7 +56,7 @@ def session(repo):
 
 @pytest.fixture(scope="module")
 def server(repo):
-    with ModelServer(repo, port=0, max_body_bytes=BODY_LIMIT) as server:
+    with ModelServer(repo, port=0, limits=Limits(max_body_bytes=BODY_LIMIT, max_json_bytes=JSON_LIMIT)) as server:
         yield server
 
 
@@ -150,10 +157,10 @@ def _json(entry_changes: dict | None = None, rows: int = 2, **request) -> bytes:
     return json.dumps({"inputs": [entry], **request}).encode()
 
 
-def _binary(x: np.ndarray, size: int | None = None, trailing: bytes = b"") -> tuple[bytes, dict]:
+def _binary(x: np.ndarray, size: int | None = None, trailing: bytes = b"", padding: int = 0) -> tuple[bytes, dict]:
     entry = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
     entry["parameters"] = {"binary_data_size": x.nbytes if size is None else size}
-    header = json.dumps({"inputs": [entry]}).encode()
+    header = json.dumps({"inputs": [entry]}).encode() + b" " * padding
     return header + x.tobytes() + trailing, {"Inference-Header-Content-Length": str(len(header))}
 
 
@@ -187,9 +194,18 @@ BAD_REQUESTS = {
     "binary data without header length": (INFER, _binary(images(2))[0], {}, 400),
     "binary_data_size too large": (INFER, *_binary(images(2), size=4096), 400),
     "binary data left over": (INFER, *_binary(images(2), trailing=b"\0" * 8), 400),
-    "body over the size limit": (INFER, b" " * BODY_LIMIT + _json(), {}, 400),
+    "body over the size limit": (INFER, *_binary(images(2), trailing=b"\0" * BODY_LIMIT), 413),
+    "JSON body over the JSON limit": (INFER, b" " * JSON_LIMIT + _json(), {}, 413),
+    "JSON header over the JSON limit": (INFER, *_binary(images(2), padding=JSON_LIMIT), 413),
     "broken gzip body": (INFER, b"not gzip", {"Content-Encoding": "gzip"}, 400),
-    "gzip bomb over the limit": (INFER, gzip.compress(b" " * (4 * BODY_LIMIT)), {"Content-Encoding": "gzip"}, 400),
+    "gzip bomb over the limit": (INFER, gzip.compress(b" " * (4 * BODY_LIMIT)), {"Content-Encoding": "gzip"}, 413),
+    "true as FP32 data": (INFER, _json({"data": [True] * 512}), {}, 400),
+    "true among FP32 numbers": (INFER, _json({"data": [0.5] * 511 + [True]}), {}, 400),
+    "negative dim": (INFER, _json({"shape": [-1, 1, 16, 16]}), {}, 400),
+    "fractional dim": (INFER, _json({"shape": [2.0, 1, 16, 16]}), {}, 400),
+    "true as a dim": (INFER, _json({"shape": [True, 1, 16, 16], "data": [0.5] * 256}), {}, 400),
+    "shape not a list": (INFER, _json({"shape": "2x1x16x16"}), {}, 400),
+    "binary_data_output not a boolean": (INFER, _json(parameters={"binary_data_output": "false"}), {}, 400),
     "unsupported encoding": (INFER, _json(), {"Content-Encoding": "br"}, 400),
 }
 
@@ -210,6 +226,235 @@ def test_tritonclient_sees_the_errors_with_their_status(client):
     with pytest.raises(InferenceServerException, match="batch size 9") as err:
         infer(client, images(MAX_BATCH + 1))
     assert err.value.status() == "400"
+
+
+REFUSAL_MESSAGES = {  # the request, and words its refusal must say
+    "negative dim": (_json({"shape": [-1, 1, 16, 16]}), {}, ["dim -1 in shape [-1, 1, 16, 16] must be a non-negative"]),
+    "data of the wrong length": (_json({"data": [0.5] * 100}), {}, ["data has 100 values, shape [2, 1, 16, 16] needs"]),
+    "false among FP32 numbers": (_json({"data": [0.5] * 511 + [False]}), {}, ["true or false, which is not a FP32"]),
+    "JSON over the JSON limit": (b" " * JSON_LIMIT + _json(), {}, [f"limit of {JSON_LIMIT} bytes for JSON", "binary"]),
+    "body over the size limit": (*_binary(images(2), trailing=b"\0" * BODY_LIMIT), [f"limit of {BODY_LIMIT} bytes"]),
+}
+
+
+@pytest.mark.parametrize("case", REFUSAL_MESSAGES, ids=list(REFUSAL_MESSAGES))
+def test_refusals_say_what_was_wrong(server, case):
+    body, headers, words = REFUSAL_MESSAGES[case]
+    _, payload = send(server, "POST", INFER, body, headers)
+    assert all(w in payload["error"] for w in words), payload["error"]
+
+
+@pytest.mark.parametrize(
+    ("data", "datatype", "words"),
+    [
+        ([1, 2, True], "INT32", "true or false"),
+        ([1.5, 2, 3], "INT32", "must be integers"),
+        ([1, 2, 300], "INT8", "range -128..127"),
+        ([-1, 2, 3], "UINT8", "range 0..255"),
+        ([1, 0, 1], "BOOL", "true or false"),
+        ([[1, 2], [3]], "FP32", "neither flat nor nested as shape [3]"),
+        ([[0]] * 3, "FP32", "neither flat nor nested as shape [3]"),
+        ([1, "2", 3], "FP32", "only numbers"),
+        (5, "FP32", "must be a list"),
+    ],
+)
+def test_json_data_is_never_cast_silently(data, datatype, words):
+    with pytest.raises(RequestError, match=re.escape(words)) as err:
+        json_array(data, datatype, [3], "input 'x'")
+    assert err.value.status == 400
+    assert json_array([True, False, True], "BOOL", [3], "x").tolist() == [True, False, True]
+    assert json_array([[1, -2, 127]], "INT8", [1, 3], "x").dtype == np.int8
+
+
+HEAD = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: mpis\r\n"  # without the blank line that ends it
+
+
+@pytest.fixture(scope="module")
+def strict(repo):
+    """A server with short timeouts: 1 s for a head, 0.5 s for a body, 0.3 s for an idle kept-alive connection."""
+    with ModelServer(repo, port=0, limits=Limits(header_timeout=1, body_timeout=0.5, keep_alive_timeout=0.3)) as server:
+        yield server
+
+
+def _connect(server) -> socket.socket:
+    host, port = server.url.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    """All that the server sends until it closes the connection (a socket timeout if it never does)."""
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def _raw_request(body: bytes) -> bytes:
+    return HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def _wait_for(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the server did not get there in time"
+        time.sleep(0.01)
+
+
+def test_a_slow_head_or_body_gets_408_at_its_timeout(strict):
+    started = time.monotonic()
+    head, body = _connect(strict), _connect(strict)
+    head.sendall(HEAD)
+    body.sendall(HEAD + b"Content-Length: 1000\r\n\r\n{")
+    answer = _until_closed(body)
+    assert answer.startswith(b"HTTP/1.1 408") and b"request body not received within 0.5 s" in answer
+    assert 0.45 < time.monotonic() - started < 0.95
+    answer = _until_closed(head)
+    assert answer.startswith(b"HTTP/1.1 408") and b"request head not received within 1 s" in answer
+    assert 0.95 < time.monotonic() - started < 3
+
+
+def test_a_body_that_keeps_coming_is_not_cut_at_the_body_timeout(strict):
+    """96 KiB sent over ~1 s, twice the body timeout: each 64 KiB received extends it by a second."""
+    request = _raw_request(b" " * (96 << 10) + _json(rows=1))
+    sock, pieces = _connect(strict), 8
+    step = len(request) // pieces + 1
+    for i in range(pieces):
+        sock.sendall(request[i * step : (i + 1) * step])
+        time.sleep(0.125)
+    answer = _until_closed(sock)  # served, then closed when idle for the keep-alive timeout
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
+def test_idle_connections_are_closed_new_at_the_header_timeout_kept_alive_at_the_keep_alive_one(strict):
+    started = time.monotonic()
+    fresh, kept = _connect(strict), _connect(strict)
+    kept.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: mpis\r\n\r\n")
+    assert _until_closed(kept).startswith(b"HTTP/1.1 200")
+    assert 0.25 < time.monotonic() - started < 0.9  # the 0.3 s keep-alive timeout, not the 1 s one
+    assert _until_closed(fresh) == b""  # never sent a byte: closed without a word
+    assert 0.95 < time.monotonic() - started < 3
+
+
+def test_over_the_connection_cap_the_oldest_waiting_is_evicted_or_the_newcomer_gets_503(repo, session):
+    with ModelServer(repo, port=0, limits=Limits(max_connections=4)) as server:
+        guard = server.socket.guard
+        slow = [_connect(server) for _ in range(4)]
+        for sock in slow:
+            sock.sendall(HEAD)
+        _wait_for(lambda: len(guard.waiting) == 4)
+        client, x = triton.InferenceServerClient(server.url, connection_timeout=10, network_timeout=10), images(1)
+        np.testing.assert_array_equal(infer(client, x).as_numpy("logits"), session.run(["logits"], {"input": x})[0])
+        assert _until_closed(slow[0]) == b""  # the oldest made room
+        for sock in slow[1:]:  # the others are still open
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+        for sock in [*slow, client]:
+            sock.close()
+        _wait_for(lambda: guard.open == 0)
+
+        gate, batcher = threading.Event(), server.models["digits"].batcher
+        healthy = batcher._run
+
+        def held(inputs):
+            gate.wait(10)
+            return healthy(inputs)
+
+        batcher._run = held  # every connection busy with a request: none may be evicted
+        busy = [_connect(server) for _ in range(4)]
+        for sock in busy:
+            sock.sendall(_raw_request(_json(rows=1)))
+        _wait_for(lambda: guard.open == 4 and not guard.waiting)
+        refused = _connect(server)
+        refused.sendall(_raw_request(_json(rows=1)))
+        answer = _until_closed(refused)
+        assert answer.startswith(b"HTTP/1.1 503") and b"limit of 4 connections" in answer
+        gate.set()
+        for sock in busy:
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            sock.close()
+
+
+def test_a_head_over_16_kib_is_refused(strict):
+    sock = _connect(strict)
+    sock.sendall(HEAD + b"X-Padding: " + b"a" * (16 << 10) + b"\r\n\r\n")
+    assert _until_closed(sock).startswith(b"HTTP/1.1 400")
+
+
+def test_at_the_cap_the_guard_evicts_the_oldest_waiting_defers_while_settling_refuses_when_all_are_busy():
+    guard = limits.ConnectionGuard(2)  # headroom 1
+    for _ in range(2):
+        assert guard.verdict() is True
+        guard.admit()
+    assert guard.verdict() is None  # accepted, not yet made: they may turn out to be evictable
+    a, b, c = (mock.Mock() for _ in range(3))  # what the guard sees of a connection: its transport
+    guard.waits(a, anew=True)
+    guard.waits(b, anew=True)
+    assert guard.verdict() is True
+    guard.admit()
+    a.transport.abort.assert_called_once()
+    b.transport.abort.assert_not_called()
+    assert guard.verdict() is None  # a is evicted but not yet closed: the headroom is full
+    guard.lost(a)
+    guard.waits(c, anew=True)
+    guard.works(b)
+    guard.works(c)
+    assert guard.verdict() is False  # every connection is busy with a request: 503
+    guard.waits(b, anew=True)
+    assert guard.verdict() is True
+
+
+def test_repeated_log_lines_and_running_out_of_descriptors_are_one_line_per_interval(monkeypatch):
+    records, clock = [], [1000.0]
+    monkeypatch.setattr(limits.time, "monotonic", lambda: clock[0])
+    handler = logging.Handler()
+    handler.emit = records.append
+    limits.limit_log_rate()
+    limits.log.addHandler(handler)
+    out_of_files = {"message": "socket.accept() out of system resource", "exception": OSError(24, "Too many files")}
+    try:
+        for _ in range(1000):
+            limits.loop_exception(None, out_of_files)
+        clock[0] += limits.LOG_INTERVAL_S
+        limits.loop_exception(None, out_of_files)
+    finally:
+        limits.log.removeHandler(handler)
+    assert [r.exc_info for r in records] == [None, None]  # two lines, no traceback
+    assert "Too many files" in records[0].getMessage() and "999 more like this" in records[1].getMessage()
+
+
+def _limited_process() -> None:
+    """In the server's process: 256 file descriptors (as `ulimit -n 256`), and Ctrl-C as a terminal has it."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_slow_connections_past_the_open_files_limit_neither_starve_a_client_nor_flood_the_log(repo, session):
+    command = [sys.executable, "-m", "mpis", "serve", str(repo), "--port", "0", "--header-timeout", "60"]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_limited_process
+    )
+    slow = []
+    try:
+        url = process.stdout.readline().split("http://")[1].split(": ")[0]
+        host, port = url.rsplit(":", 1)
+        for _ in range(300):  # more than the server has descriptors
+            slow.append(socket.create_connection((host, int(port)), timeout=10))
+            slow[-1].sendall(HEAD)
+        with socket.create_connection((host, int(port)), timeout=10) as gone:  # leaves in the middle of a body
+            gone.sendall(HEAD + b"Content-Length: 1000\r\n\r\n{")
+        client, x = triton.InferenceServerClient(url, connection_timeout=10, network_timeout=10), images(1)
+        np.testing.assert_array_equal(infer(client, x).as_numpy("logits"), session.run(["logits"], {"input": x})[0])
+    finally:
+        for sock in slow:
+            sock.close()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    assert len(err) < 20_000 and "Traceback" not in err and "Too many open files" not in err, err[-3000:]
+    assert "at most " in err  # the note: fewer connections than the default 1024
 
 
 def test_a_failing_backend_is_a_500_and_the_server_keeps_serving(repo, session):
@@ -316,7 +561,18 @@ def test_bounded_concurrent_load_has_no_failures(server, session):
 
 
 def test_cli_serves_until_interrupted(repo):
-    command = [sys.executable, "-m", "mpis", "serve", str(repo), "--port", "0", "--no-batching"]
+    command = [
+        sys.executable,
+        "-m",
+        "mpis",
+        "serve",
+        str(repo),
+        "--port",
+        "0",
+        "--no-batching",
+        "--max-json-mb",
+        "0.01",
+    ]
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -330,6 +586,9 @@ def test_cli_serves_until_interrupted(repo):
         assert line.startswith("serving on http://127.0.0.1:") and "digits v1 (onnxruntime_onnx" in line
         client = triton.InferenceServerClient(line.split("http://")[1].split(": ")[0])
         assert infer(client, images(1)).as_numpy("logits").shape == (1, 10)
+        with pytest.raises(InferenceServerException, match="limit of 10485 bytes for JSON") as err:
+            infer(client, images(4), binary_in=False)  # 1024 numbers: ~20 KB of JSON
+        assert err.value.status() == "413"
     finally:
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=30)
@@ -387,6 +646,7 @@ STARTUP_ERRORS = {
     ),  # fmt: skip
     "port in use": (_taken_port, "cannot listen on 127.0.0.1"),
     "bad port": (lambda repo, tmp_path, stack: f"{repo} --port 70000", "--port"),
+    "a limit of 0": (lambda repo, tmp_path, stack: f"{repo} --header-timeout 0", "--header-timeout must be positive"),
     "no engine for --backend tensorrt": (
         lambda repo, tmp_path, stack: f"{repo} --backend tensorrt",
         "no tensorrt_plan",

@@ -5,7 +5,8 @@ the same wire protocol, so a client written against one works against the other.
 server and model metadata, model config, the statistics extension (Triton's per-request and
 per-batch-size counters and times, so perf_analyzer reads server-side latency), and inference with JSON
 tensors and Triton's binary tensor data extension (the default of `tritonclient`), gzip/deflate request
-bodies, and dynamic batching as the model's config asks for it.
+bodies, and dynamic batching as the model's config asks for it. What one client may take (body sizes, a
+JSON body far less than binary data, connections, time to send a request) is bounded: `limits.py`.
 Not implemented: gRPC, shared memory, sequence batching, the repository API, response compression.
 
 Each model is run by its platform's backend: `onnxruntime_onnx` by ONNX Runtime (CPU, or CUDA when
@@ -16,6 +17,9 @@ project is tested on.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import gc
 import json
 import math
 import re
@@ -24,7 +28,8 @@ import sys
 import threading
 import time
 import zlib
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,10 +44,21 @@ try:
     from fastapi import FastAPI, Request, Response
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+
+    from mpis.serve.limits import (
+        MAX_HEAD_BYTES,
+        ConnectionGuard,
+        GuardedProtocol,
+        Limits,
+        Listener,
+        connection_cap,
+        limit_log_rate,
+        loop_exception,
+    )
 except ImportError as _err:
     raise MpisError(f"mpis serve needs the serve extra ({_err.name} is missing): pip install 'mpis[serve]'") from None
 
-DEFAULT_MAX_BODY_BYTES = 64 << 20  # Triton's default --http-max-input-size
 PLATFORMS = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
 ORT_TYPES = {  # ONNX Runtime's type names -> KServe's
     "tensor(bool)": "BOOL",
@@ -388,17 +404,23 @@ class ServedModel:
         """Triton's ModelStatistics of this model (JSON form of the statistics extension)."""
         return self.batcher.stats.as_dict(self.spec.name, self.spec.version)
 
-    def parse(self, body: bytes, header_length: str | None) -> InferRequest:
+    def parse(self, body: bytes, header_length: str | None, json_limit: int) -> InferRequest:
         """Validate an infer request (JSON header, then the binary tensor data of the inputs that have a
-        binary_data_size, in the order of the inputs) against the config."""
+        binary_data_size, in the order of the inputs) against the config; the JSON part may not pass
+        `json_limit` bytes."""
         if header_length is None:
             header, binary = body, b""
         else:
             if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
                 raise RequestError(400, f"Inference-Header-Content-Length {header_length!r} is not 0..{len(body)}")
+            if int(header_length) > json_limit:
+                raise RequestError(
+                    413, f"JSON header of {header_length} bytes exceeds the limit of {json_limit} bytes for JSON"
+                )
             header, binary = body[: int(header_length)], body[int(header_length) :]
         try:
-            request = json.loads(header)
+            with _collector_paused():
+                request = json.loads(header)
         except (ValueError, RecursionError) as err:
             raise RequestError(400, f"malformed inference request JSON: {_first_line(err)}") from None
         if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
@@ -434,16 +456,12 @@ class ServedModel:
         return InferRequest(inputs, rows, self._outputs(request), _request_id(request))
 
     def _tensor(self, item: dict, spec: TensorSpec, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
+        what = f"input {spec.name!r}"
         if item.get("datatype") != spec.datatype:
-            raise RequestError(400, f"input {spec.name!r}: datatype {item.get('datatype')!r}, expected {spec.datatype}")
-        shape = item.get("shape")
-        want = ([-1] if self.spec.max_batch_size > 0 else []) + list(spec.dims)
-        fits = isinstance(shape, list) and len(shape) == len(want)
-        fits = fits and all(type(s) is int and s >= 0 and w in (-1, s) for s, w in zip(shape, want, strict=True))
-        if not fits:
-            raise RequestError(400, f"input {spec.name!r}: shape {shape}, expected {want} (-1: any)")
+            raise RequestError(400, f"{what}: datatype {item.get('datatype')!r}, expected {spec.datatype}")
+        shape = _shape(item.get("shape"), ([-1] if self.spec.max_batch_size > 0 else []) + list(spec.dims), what)
         dtype, count = DTYPES[spec.datatype], math.prod(shape)
-        parameters = _parameters(item, f"input {spec.name!r}")
+        parameters = _parameters(item, what)
         if "binary_data_size" in parameters:
             size = parameters["binary_data_size"]
             if type(size) is not int or size != count * dtype.itemsize or offset + size > len(binary):
@@ -455,13 +473,7 @@ class ServedModel:
             array = np.frombuffer(binary, dtype, count, offset).reshape(shape).astype(dtype.newbyteorder("="))
             offset += size
         elif "data" in item:
-            try:
-                array = np.asarray(item["data"])
-            except ValueError as err:
-                raise RequestError(400, f"input {spec.name!r}: data is not a flat or nested list: {err}") from None
-            if array.dtype.kind not in "biuf" or array.size != count:
-                raise RequestError(400, f"input {spec.name!r}: data must be {count} numbers for shape {shape}")
-            array = array.reshape(shape).astype(dtype.newbyteorder("="))
+            array = json_array(item["data"], spec.datatype, shape, what)
         else:
             raise RequestError(400, f"input {spec.name!r} has neither data nor a binary_data_size parameter")
         if dtype.kind == "f" and not np.isfinite(array).all():
@@ -469,7 +481,7 @@ class ServedModel:
         return array, offset
 
     def _outputs(self, request: dict) -> list[tuple[str, bool]]:
-        default = bool(_parameters(request, "the request").get("binary_data_output", False))
+        default = _flag(_parameters(request, "the request"), "binary_data_output", False)
         known = [t.name for t in self.spec.outputs]
         wanted = request.get("outputs")
         if wanted is None:
@@ -480,8 +492,8 @@ class ServedModel:
         for output in wanted:
             if output.get("name") not in known:
                 raise RequestError(400, f"unexpected output {output.get('name')!r} (outputs: {known})")
-            binary = _parameters(output, f"output {output['name']!r}").get("binary_data", default)
-            chosen.append((output["name"], bool(binary)))
+            parameters = _parameters(output, f"output {output['name']!r}")
+            chosen.append((output["name"], _flag(parameters, "binary_data", default)))
         return chosen
 
     def encode(self, request: InferRequest, outputs: Tensors) -> Response:
@@ -510,11 +522,90 @@ class ServedModel:
         )
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Decoded JSON holds no reference cycles, but its lists make the cyclic garbage collector run again and
+    again over the whole heap while they are created: 8 MiB of `[0],` took 1.6 s to decode, 0.25 s without."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _shape(shape: object, want: list[int], what: str) -> list[int]:
+    """A request's shape, checked against the config's (`want`, -1: any size)."""
+    if not isinstance(shape, list):
+        raise RequestError(400, f"{what}: shape must be a list of integers, got {type(shape).__name__}")
+    if len(shape) != len(want):
+        raise RequestError(400, f"{what}: shape has {len(shape)} dims, expected {len(want)}: {want} (-1: any)")
+    for dim in shape:
+        if type(dim) is not int or dim < 0:  # `type`, not isinstance: JSON true is a Python int
+            raise RequestError(400, f"{what}: dim {json.dumps(dim)} in shape {shape} must be a non-negative integer")
+    if not all(w in (-1, s) for s, w in zip(shape, want, strict=True)):
+        raise RequestError(400, f"{what}: shape {shape}, expected {want} (-1: any)")
+    return shape
+
+
+def json_array(data: object, datatype: str, shape: list[int], what: str) -> np.ndarray:
+    """JSON tensor data, flat or nested as `shape`, as an array of `datatype`, refusing what a cast would
+    change silently: true/false for a number type (a Python bool is an int), numbers for BOOL, fractions
+    or out-of-range values for an integer type."""
+    if not isinstance(data, list):
+        raise RequestError(400, f"{what}: data must be a list, got {type(data).__name__}")
+    values = _values(data, shape, what)
+    kinds, dtype = set(map(type, values)), DTYPES[datatype].newbyteorder("=")
+    if dtype.kind == "b":
+        if not kinds <= {bool}:
+            raise RequestError(400, f"{what}: BOOL data must be true or false")
+    elif bool in kinds:
+        raise RequestError(400, f"{what}: data holds true or false, which is not a {datatype} value")
+    elif not kinds <= {int, float}:
+        raise RequestError(400, f"{what}: data must hold only numbers")
+    elif dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if float in kinds:
+            raise RequestError(400, f"{what}: {datatype} data must be integers")
+        if values and not (info.min <= min(values) and max(values) <= info.max):
+            raise RequestError(400, f"{what}: data outside {datatype}'s range {info.min}..{info.max}")
+    try:
+        return np.asarray(values, dtype).reshape(shape)
+    except OverflowError:  # an integer beyond float64
+        raise RequestError(400, f"{what}: data outside {datatype}'s range") from None
+
+
+def _values(data: list, shape: list[int], what: str) -> list:
+    """The values of JSON tensor data, flat or nested as `shape`, in row-major order. A nesting is checked
+    level by level before it is walked, so that a body of many tiny lists is refused at the cost of the
+    shape's values, not of the body's lists (numpy takes seconds over a few million)."""
+    values = data
+    if data and type(data[0]) is list:
+        values = [data]
+        for size in shape:
+            if not all(type(item) is list and len(item) == size for item in values):
+                raise RequestError(400, f"{what}: data is neither flat nor nested as shape {shape}")
+            values = [value for item in values for value in item]
+    if len(values) != math.prod(shape):
+        raise RequestError(400, f"{what}: data has {len(values)} values, shape {shape} needs {math.prod(shape)}")
+    if any(type(value) is list for value in values):
+        raise RequestError(400, f"{what}: data is neither flat nor nested as shape {shape}")
+    return values
+
+
 def _parameters(item: dict, what: str) -> dict:
     parameters = item.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise RequestError(400, f"parameters of {what} must be an object")
     return parameters
+
+
+def _flag(parameters: dict, key: str, default: bool) -> bool:
+    value = parameters.get(key, default)
+    if type(value) is not bool:  # "false" would be true
+        raise RequestError(400, f"parameter {key} must be true or false, got {json.dumps(value)}")
+    return value
 
 
 def _request_id(request: dict) -> str | None:
@@ -524,16 +615,20 @@ def _request_id(request: dict) -> str | None:
     return request_id
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The (decompressed) body, refused above `limit` bytes. An oversized body is still read to its end,
-    discarded, so that the client gets the 400 rather than a connection reset while it is sending."""
+async def _read_body(request: Request, limit: int, advice: str) -> bytes:
+    """The (decompressed) body, refused with 413 above `limit` bytes (the message ends with `advice`). An
+    oversized body is still read to its end, discarded, so that the client gets the 413 rather than a
+    connection reset while it is sending."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+    except ClientDisconnect:  # gone (or cut at the body timeout): answered to no one, and not logged
+        raise RequestError(400, "the client closed the connection before the end of the body") from None
     if size > limit:
-        raise RequestError(400, f"request body of {size} bytes exceeds the limit of {limit} bytes")
+        raise RequestError(413, f"request body of {size} bytes exceeds the limit of {limit} bytes{advice}")
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("gzip", "deflate"):
@@ -543,7 +638,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
         except zlib.error as err:
             raise RequestError(400, f"body is not valid {encoding} data: {err}") from None
         if len(body) > limit:
-            raise RequestError(400, f"decompressed request body exceeds the limit of {limit} bytes")
+            raise RequestError(413, f"decompressed request body exceeds the limit of {limit} bytes{advice}")
     elif encoding != "identity":
         raise RequestError(400, f"unsupported Content-Encoding {encoding!r} (gzip, deflate)")
     return body
@@ -553,8 +648,12 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def build_app(models: dict[str, ServedModel], max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+def build_app(models: dict[str, ServedModel], limits: Limits) -> FastAPI:
     """The KServe v2 HTTP endpoints over `models`; every refusal is {"error": ...} with its status."""
+    json_advice = (
+        " for JSON (--max-json-mb); tensors sent as binary data (Triton's binary tensor data extension, "
+        f"tritonclient's default) may take up to {limits.max_body_bytes} bytes"
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -622,8 +721,12 @@ def build_app(models: dict[str, ServedModel], max_body_bytes: int = DEFAULT_MAX_
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         served = model(name, version)
         arrived = time.monotonic_ns()
-        body = await _read_body(request, max_body_bytes)
-        parsed = served.parse(body, request.headers.get("inference-header-content-length"))
+        header_length = request.headers.get("inference-header-content-length")
+        if header_length is None:  # all JSON: held to the JSON limit before it is read
+            body = await _read_body(request, limits.json_bytes, json_advice)
+        else:
+            body = await _read_body(request, limits.max_body_bytes, " (--max-body-mb)")
+        parsed = served.parse(body, header_length, limits.json_bytes)
         try:
             outputs = await served.batcher.infer(parsed.inputs, parsed.rows)
         except Exception as err:  # the backend failed on a valid request: the server's fault, not the client's
@@ -639,7 +742,7 @@ def build_app(models: dict[str, ServedModel], max_body_bytes: int = DEFAULT_MAX_
 # --- the server -------------------------------------------------------------------------------------------
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int) -> Listener:
     """The listening socket, bound here so that a taken port is one clear line (uvicorn would exit). It
     comes from getaddrinfo, so its protocol is IPPROTO_TCP: asyncio sets TCP_NODELAY only on connections
     of such sockets, and without it Nagle's algorithm and delayed ACKs add ~40 ms to every response."""
@@ -647,7 +750,7 @@ def bind(host: str, port: int) -> socket.socket:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
         )[0]
-        sock = socket.socket(family, kind, proto)
+        sock = Listener(family, kind, proto)
     except OSError as err:
         raise MpisError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     try:
@@ -658,6 +761,14 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise MpisError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     return sock
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server with `loop_exception` as its event loop's exception handler."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        asyncio.get_running_loop().set_exception_handler(loop_exception)
+        await super().startup(sockets)
 
 
 class ModelServer:
@@ -671,17 +782,29 @@ class ModelServer:
         port: int = 8000,
         backend: str = "auto",
         batching: bool = True,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        limits: Limits | None = None,  # None: the defaults
     ):
-        if max_body_bytes < 1:
-            raise MpisError(f"the body size limit must be positive, got {max_body_bytes} bytes")
+        limits = limits or Limits()
         loaded = load_repository(Path(repo), backend, batching)
         self.models, self.notes = loaded.models, loaded.notes
+        cap, note = connection_cap(limits.max_connections)  # after loading: the models' descriptors are counted
+        self.notes += [note] if note else []
         self.socket = bind(host, port)
+        self.socket.guard = guard = ConnectionGuard(cap)
         port = self.socket.getsockname()[1]
         self.url = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        config = uvicorn.Config(build_app(self.models, max_body_bytes), log_level="warning", access_log=False)
-        self._server = uvicorn.Server(config)
+        config = uvicorn.Config(
+            build_app(self.models, limits),
+            loop="asyncio",  # its selector loop accepts through Listener.accept (uvloop would bypass it)
+            http=functools.partial(GuardedProtocol, guard=guard, limits=limits),
+            ws="none",  # an upgrade would hand the connection to a protocol the guard does not see
+            timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  # uvicorn takes a float
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+            log_level="warning",
+            access_log=False,
+        )
+        limit_log_rate()
+        self._server = _Uvicorn(config)
         self._thread: threading.Thread | None = None
 
     def describe(self) -> str:
@@ -710,9 +833,9 @@ class ModelServer:
         self.socket.close()
 
 
-def serve(repo: Path, host: str, port: int, backend: str, batching: bool, max_body_bytes: int) -> None:
+def serve(repo: Path, host: str, port: int, backend: str, batching: bool, limits: Limits) -> None:
     """`mpis serve`: load, bind, say what is served where, and serve until Ctrl-C."""
-    server = ModelServer(repo, host, port, backend, batching, max_body_bytes)
+    server = ModelServer(repo, host, port, backend, batching, limits)
     for note in server.notes:
         print(f"mpis: note: {note}", file=sys.stderr)
     print(server.describe(), flush=True)
