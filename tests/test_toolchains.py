@@ -201,6 +201,9 @@ def test_check_toolchain_reports_identity_and_agreement_and_names_what_cannot_ru
     assert rows["norse"]["status"] == "ran" and rows["norse"]["identical"] == 1.0
     assert rows["norse"]["threads"] == 2  # --threads reached the importer's process
     assert rows["norse"]["agreement_mpis"] == 1.0 and 0.0 <= rows["norse"]["agreement_onnx"] <= 1.0
+    # what the 8-bit weights cost, beside the bit-identity: the file's net against the float model
+    assert "8-bit net vs float model" in text and 0.5 <= rows["norse"]["float_agreement"] <= 1.0
+    assert 0.5 <= rows["norse"]["float_identical"] <= 1.0 and rows["norse"]["float_rate_error"] >= 0.0
     assert Path(rows["norse"]["file"]).is_file()
     assert rows["spyx"]["status"].startswith("no mpis export") and rows["spyx"]["identical"] is None
     for other in ("sinabs", "snntorch"):  # more importers compared with one mpis run, where installed
@@ -235,3 +238,23 @@ def test_mpis_simulate_refuses_a_file_written_for_another_importer(target, tmp_p
     export_toolchain_nir(spiky_net(divided_arch("16C3S1-2F1*(32C3S2-48C3S1)-FC10"), (1, 8, 8)), path, target, 0.5)
     assert main(["simulate", str(path), "--T", "3", "--limit", "4", "--quiet"]) == 2
     assert f"mpis check CHECKPOINT --toolchain {target}" in one_error_line(capsys)
+
+
+def test_quantisation_cost_grows_as_the_weights_lose_bits():
+    from mpis.check.run import Quantisation
+    from mpis.export.fixed_point import dyadic_copy
+
+    net = spiky_net("4C3-2F1*(6C3S2-8C3)-FC10", (1, 16, 16), seed=3)
+    x = torch.rand(16, 1, 16, 16)
+    float_net = net.folded_copy()
+    costs = {}
+    for bits in (3, 8):
+        quantised, dyadic = Quantisation(), dyadic_copy(net, bits)[0]
+        record = dyadic.simulate(x, 20)
+        quantised.add(record, dyadic.classify(record.state_rates).argmax(1), float_net.simulate(x, 20), float_net, 20)
+        costs[bits] = quantised.result()
+    same = Quantisation()
+    record = float_net.simulate(x, 20)
+    same.add(record, float_net.classify(record.state_rates).argmax(1), record, float_net, 20)
+    assert same.result() == (1.0, 1.0, 0.0)
+    assert costs[8][1] > costs[3][1] and costs[8][2] < costs[3][2]  # more bits: more identical counts, less error

@@ -102,6 +102,9 @@ class ToolchainRow:
     agreement_onnx: float | None = None
     seconds: float = 0.0
     threads: int = 0  # torch's threads in the importer's process (its seconds depend on them)
+    float_agreement: float | None = None  # the file's dyadic net vs the float model: argmax agreement,
+    float_identical: float | None = None  # share of identical spike counts,
+    float_rate_error: float | None = None  # and mean |Δrate|
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -185,7 +188,8 @@ class CheckReport:
             "toolchains": [t.as_dict() for t in self.toolchains],
             "toolchains_what": "each toolchain's own importer on its mpis export --target file (dyadic weights): "
             "share of spike counts equal to mpis's (every neuron and input), argmax agreement with mpis's spikes "
-            "and with the ONNX rate graph",
+            "and with the ONNX rate graph; float_*: the file's dyadic net against the float model (argmax agreement, "
+            "identical spike counts, mean |delta rate|), what the quantisation costs",
         }
 
     def lines(self) -> list[str]:
@@ -237,7 +241,7 @@ def toolchain_lines(rows: list[ToolchainRow]) -> list[str]:
     out = [
         "toolchains (their own NIR importers, mpis export --target files, dyadic weights):",
         f"  {'toolchain':<20} {'v_init':<8} {'T':>5} {'identical spike counts':>23} {'argmax = mpis':>14} "
-        f"{'argmax = ONNX':>14} {'seconds':>8}",
+        f"{'argmax = ONNX':>14} {'seconds':>8}   8-bit net vs float model: argmax, identical counts, mean |Δr|",
     ]
     for r in rows:
         name = f"{r.toolchain} {r.version}".strip()
@@ -246,7 +250,8 @@ def toolchain_lines(rows: list[ToolchainRow]) -> list[str]:
             continue
         out.append(
             f"  {name:<20} {r.v_init:<8} {r.steps:>5} {r.identical:>23.6f} {r.agreement_mpis:>14.4f} "
-            f"{r.agreement_onnx:>14.4f} {r.seconds:>8.1f}"
+            f"{r.agreement_onnx:>14.4f} {r.seconds:>8.1f}   {r.float_agreement:.4f}, {r.float_identical:.4f}, "
+            f"{r.float_rate_error:.5f}"
         )
     return out
 

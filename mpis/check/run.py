@@ -369,6 +369,7 @@ def toolchain_runs(
     rows: list[ToolchainRow] = []
     numeric = [v for v in v_inits if v.value is not None]
     reference = dyadic_copy(ckpt.net, DEFAULT_WEIGHT_BITS)[0]
+    float_net = ckpt.net.folded_copy()  # what the dyadic weights approximate: the quantisation's cost
     ready = []
     for toolchain in toolchains:
         reason = missing(toolchain)
@@ -388,7 +389,7 @@ def toolchain_runs(
                 )
                 cache.record(name, params)
             paths[toolchain] = cache.folder / name
-        reference.v_init = v.value
+        reference.v_init = float_net.v_init = v.value
         for t in steps:
             x, _ = data.sample(t, range(data.count))
             runs = {}
@@ -398,11 +399,14 @@ def toolchain_runs(
                 runs[toolchain] = run = run_toolchain(toolchain, paths[toolchain], x, t, batch, threads)
                 say(f"toolchain {toolchain.name} {run.version}: {name} at T = {t} ran in {run.seconds:.1f} s")
             same, agree, total = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0), 0
+            quantised = Quantisation()
             for start in range(0, data.count, batch):
                 part = slice(start, start + batch)
                 record = reference.simulate(x[part], t)
                 mpis_pred = reference.classify(record.state_rates).argmax(1)
                 total += sum(c.numel() for c in record.spike_counts.values())
+                if runs:
+                    quantised.add(record, mpis_pred, float_net.simulate(x[part], t), float_net, t)
                 for toolchain, run in runs.items():
                     same[toolchain] += sum(
                         int((run.counts[k][part] == c).sum()) for k, c in record.spike_counts.items()
@@ -414,8 +418,33 @@ def toolchain_runs(
                 row = ToolchainRow(toolchain.name, v.label, t, "ran", run.version, str(paths[toolchain]), identical)
                 row.agreement_mpis, row.agreement_onnx, row.seconds = agreement, onnx, run.seconds
                 row.threads = run.threads
+                row.float_agreement, row.float_identical, row.float_rate_error = quantised.result()
                 rows.append(row)
     return rows
+
+
+@dataclass
+class Quantisation:
+    """The toolchain files' dyadic net against the float model it was made from, on the same inputs:
+    argmax agreement, share of identical spike counts, mean |Δrate| (counts / T)."""
+
+    agree: int = 0
+    inputs: int = 0
+    same: int = 0
+    neurons: int = 0
+    rate_error: float = 0.0
+
+    def add(self, record, prediction: torch.Tensor, float_record, float_net, steps: int) -> None:
+        self.agree += int((float_net.classify(float_record.state_rates).argmax(1) == prediction).sum())
+        self.inputs += len(prediction)
+        for name, counts in record.spike_counts.items():
+            other = float_record.spike_counts[name]
+            self.same += int((counts == other).sum())
+            self.neurons += counts.numel()
+            self.rate_error += float((counts - other).abs().sum()) / steps
+
+    def result(self) -> tuple[float, float, float]:
+        return self.agree / self.inputs, self.same / self.neurons, self.rate_error / self.neurons
 
 
 def reference_quality(net, session, x: torch.Tensor, iterations: int, horizon: int | None, layers) -> dict:
