@@ -143,6 +143,8 @@ def _export(args: argparse.Namespace) -> int:
         nir_path = staged.file(Path(args.nir)) if args.nir else None
         onnx_path = staged.file(Path(args.onnx)) if args.onnx else Path(scratch) / "model.onnx"
         plan = staged.file(Path(args.trt)) if args.trt else None
+        if args.triton_repo:
+            staged.check_folder(Path(args.triton_repo), "Triton repository")
         ckpt = load_checkpoint(args.checkpoint)
         iterations = ckpt.solver_cfg.T if args.iters is None else args.iters
         try:  # checked on real test images when the dataset is at hand, else on random inputs

@@ -34,6 +34,10 @@ def test_an_unwritable_folder_is_refused_before_any_scoring(checkpoint, tmp_path
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith(f"mpis: error: cannot write {folder / 'model.x'}: "), line
         assert "Read-only file system" in line or "does not exist" in line
+    repo = small_disk / "models" / "repo"
+    assert main(["export", str(checkpoint), "--triton-repo", str(repo)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"mpis: error: cannot write Triton repository {repo}: Read-only file system"
 
 
 def test_triton_overwrite_adds_version_two_then_removes_version_one(checkpoint, tmp_path):

@@ -13,6 +13,8 @@ from conftest import faulty_mpis
 from mpis.train.checkpoint import load_checkpoint, read_payload
 
 TINY = ["--arch", "4C3-2F1*(6C3S2-8C3)-FC10", "--T", "4", "--batch-size", "128", "--quiet", "--threads", "1"]
+
+
 def train(out: Path, *extra: str, **faults) -> subprocess.CompletedProcess:
     return faulty_mpis("train", *TINY, "--epochs", "2", "--out", str(out), *extra, **faults)
 

@@ -40,6 +40,17 @@ class ExportOutputs:
         self._files.append((Path(staging), target))
         return Path(staging)
 
+    def check_folder(self, folder: Path, what: str) -> None:
+        """Refuse now, before any work, a folder that will be written later and cannot be: a probe folder is
+        made and removed in it, or in its nearest existing parent when it does not exist yet."""
+        existing = Path(folder).absolute()
+        while not existing.exists():
+            existing = existing.parent
+        try:
+            Path(tempfile.mkdtemp(dir=existing, prefix=".mpis-probe.")).rmdir()
+        except OSError as err:
+            raise MpisError(f"cannot write {what} {folder}: {err.strerror}") from None
+
     def folder(self, parent: Path, name: str) -> Path:
         """A staging folder in `parent` for what will become `parent/name` (removed on discard)."""
         for stale in parent.glob(f".{name}.*.tmp"):
