@@ -165,7 +165,7 @@ def _export(args: argparse.Namespace) -> int:
             say=lambda line: print(line, flush=True),
         )
         if nir_path is not None:
-            wrote.append(_export_nir(ckpt, args, nir_path))
+            wrote += _export_nir(ckpt, args, nir_path, staged, inputs)
         if args.onnx is None and args.triton_repo is None and args.trt is None:
             return _wrote(wrote)
         sample = inputs.mean(1) if inputs.dim() == 5 else inputs  # event frames drive the rate graph by their mean
@@ -251,12 +251,12 @@ def _spiking_v_init(ckpt, args: argparse.Namespace) -> float | None:
     return default_nir_v_init(ckpt.net) if args.v_init is None else args.v_init
 
 
-def _export_nir(ckpt, args: argparse.Namespace, path: Path) -> str:
+def _export_nir(ckpt, args: argparse.Namespace, path: Path, staged, inputs) -> list[str]:
     """Write the spiking graph to `path` (the staging file of --nir); returns what was written."""
     from mpis.export.nir import export_nir
 
     if args.target != "nirtorch":
-        return _export_toolchain_nir(ckpt, args, path)
+        return _export_toolchain_nir(ckpt, args, path, staged, inputs)
     if args.max_param_growth <= 0:
         raise MpisError(f"--max-param-growth must be > 0, got {args.max_param_growth}")
     print(f"exporting the spiking graph to {args.nir} ({args.flavour}; probing the polyphase blocks) ...", flush=True)
@@ -276,14 +276,16 @@ def _export_nir(ckpt, args: argparse.Namespace, path: Path) -> str:
             "note: with leaky neurons the Trans feedback's first-step response cannot be folded into the "
             "thresholds, so the loop's spike counts drift from the model's (IF neurons are exact)"
         )
-    return (
+    return [
         f"{args.nir} ({args.flavour}): {len(result.graph.nodes)} nodes, {len(result.graph.edges)} edges; "
         f"parameters {result.nir_params:,} vs the model's {result.source_params:,} ({result.growth:.2f}x)"
         + (f"; polyphase layers: {layouts}" if layouts else "")
-    )
+    ]
 
 
-def _export_toolchain_nir(ckpt, args: argparse.Namespace, path: Path) -> str:
+def _export_toolchain_nir(ckpt, args: argparse.Namespace, path: Path, staged, inputs) -> list[str]:
+    """The toolchain file, and beside it the reference recordings of its first test inputs."""
+    from mpis.export.reference import REFERENCE_INPUTS, on_input_grid, reference_data, reference_path_for
     from mpis.export.toolchains import NEURON_RECIPES, export_toolchain_nir
 
     if args.flavour != "exact":
@@ -295,7 +297,12 @@ def _export_toolchain_nir(ckpt, args: argparse.Namespace, path: Path) -> str:
     result = export_toolchain_nir(
         ckpt.net, path, args.target, v_init, ckpt.solver_cfg.T, args.weight_bits, args.overwrite
     )
-    return (
+    reference = reference_path_for(args.nir)
+    x = on_input_grid(inputs[:REFERENCE_INPUTS])
+    data = reference_data(result, x, ckpt.solver_cfg.T)
+    staged_reference = staged.file(Path(reference))
+    staged_reference.write_bytes(data)
+    return [
         f"{args.nir} (--target {args.target}: {NEURON_RECIPES[args.target].about}): "
         f"{len(result.graph.nodes)} nodes, {len(result.graph.edges)} edges, {result.sequencing} sequencing convs; "
         f"parameters {result.nir_params:,} vs the model's {result.source_params:,} ({result.growth:.2f}x); "
@@ -305,8 +312,10 @@ def _export_toolchain_nir(ckpt, args: argparse.Namespace, path: Path) -> str:
             if result.fewest_bits < args.weight_bits
             else ""
         )
-        + " (mpis check --toolchain compares the spikes)"
-    )
+        + " (mpis check --toolchain compares the spikes)",
+        f"{reference} (reference recordings: {len(x)} test inputs at T = {ckpt.solver_cfg.T}, every neuron layer's "
+        "spikes and the output at every step; nir.read_data)",
+    ]
 
 
 def _infer(args: argparse.Namespace) -> int:
