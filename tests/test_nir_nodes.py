@@ -82,11 +82,14 @@ def declared_bomb(path, shape=(2**14, 2**14, 3)) -> None:
         node.create_dataset("r", shape=shape, dtype="float32", chunks=(256, 256, 1), compression="gzip", fillvalue=1)
 
 
+# Peak memory of this process image: VmHWM, not ru_maxrss, which Linux carries over from the forking parent
+# (a large pytest process) through exec.
 READ_AND_MEASURE = """
-import resource, sys
+import sys
 from mpis.cli import main
 code = main(sys.argv[1:])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+print(int(status.split()[0]) // 1024)
 sys.exit(code)
 """
 
