@@ -450,10 +450,11 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     export.add_argument(
         "--target",
         default="nirtorch",
-        choices=("nirtorch", *TOOLCHAIN_TARGETS),
+        choices=("nirtorch", *TOOLCHAIN_TARGETS, "universal"),
         help="whose NIR importer the file is written for: nirtorch = standard nodes, exact for nirtorch 2.6 "
-        "with mpis's node map and mpis simulate (--flavour); norse = Norse's own norse.torch.from_nir "
-        "(docs/toolchain-importers.md)",
+        "with mpis's node map and mpis simulate (--flavour); norse, sinabs, snntorch = that toolchain's own "
+        "importer; universal = one file that all three run with mpis's spikes (read it with "
+        "nir.read(f, type_check=False); docs/toolchain-importers.md, docs/one-nir-file.md)",
     )
     export.add_argument(
         "--weight-bits",

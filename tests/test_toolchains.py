@@ -102,6 +102,49 @@ def test_importer_plays_event_frames_as_mpis_does(target, tmp_path):
     assert identical_share(run, mpis_spikes(export, frames, 12, 0.0)) == 1.0
 
 
+# ---- one file for every importer ----------------------------------------------------------------
+@pytest.mark.parametrize("v_init", [0.0, 0.5])
+def test_one_universal_file_runs_in_every_importer_with_mpis_spikes(checkpoint, tmp_path, v_init):
+    net = load_checkpoint(checkpoint).net
+    x = load_dataset("digits").test.tensors[0][:32]
+    path = tmp_path / "universal.nir"
+    export = export_toolchain_nir(net, path, "universal", v_init)
+    record = mpis_spikes(export, x, 20, v_init)
+    assert sum(float(c.sum()) for c in record.spike_counts.values()) > 0
+    for target in TARGETS:
+        if any(mark.args[0] for mark in target.marks):  # not installed here
+            continue
+        run = run_toolchain(parse_toolchains(toolchain_spec(target.values[0]))[0], path, x, 20, batch=16)
+        assert identical_share(run, record) == 1.0, target.values[0]
+        assert torch.equal(run.logits.argmax(1), export.net.classify(record.state_rates).argmax(1))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_universal_file_plays_event_frames_at_34x34_as_mpis_does(target, tmp_path):
+    """The N-MNIST net (maps 34, 17, 9: odd sizes, three dilations) on event frames."""
+    shape = (2, 34, 34)
+    net = spiky_net(divided_arch("2F1*(32C3S1-32C3S2-64C3S1)-FC10"), shape)
+    frames = (torch.rand(4, 6, *shape) < 0.2).float()
+    path = tmp_path / "universal.nir"
+    export = export_toolchain_nir(net, path, "universal", 0.0)
+    run = run_toolchain(parse_toolchains(toolchain_spec(target))[0], path, frames, 12, batch=16)
+    assert identical_share(run, mpis_spikes(export, frames, 12, 0.0)) == 1.0
+
+
+def test_the_universal_file_is_the_same_in_every_process(tmp_path):
+    script = (
+        "import sys, torch; sys.path.insert(0, 'tests'); from conftest import spiky_net; "
+        "from mpis.export.toolchains import export_toolchain_nir; "
+        "export_toolchain_nir(spiky_net('4C3-2F1*(6C3S2-8C3)-FC10', (1, 16, 16)), sys.argv[1], 'universal', 0.5)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{seed}.nir")], cwd=root, env=env)
+        assert done.returncode == 0
+    assert (tmp_path / "1.nir").read_bytes() == (tmp_path / "2.nir").read_bytes()
+
+
 # ---- what every target shares -------------------------------------------------------------------
 def test_ghost_layout_keeps_the_models_kernels_where_polyphase_multiplied_them():
     export = build_toolchain_nir(spiky_net(divided_arch("2F1*(32C3S1-32C3S2-64C3S1)-FC10"), (2, 34, 34)), "norse", 0.5)

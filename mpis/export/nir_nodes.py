@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mpis.errors import MpisError
+from mpis.export import UNCHECKED_TARGETS
 
 
 def subtract_reset_if(
@@ -61,7 +62,7 @@ def read_nir(path: str | Path, type_check: bool = True):
             graph = nir.read(path, type_check=False)
         except Exception:  # the first error is the one to report
             graph = None
-        if graph is None or graph.metadata.get("target") != "sinabs":
+        if graph is None or graph.metadata.get("target") not in UNCHECKED_TARGETS:
             raise MpisError(f"{path} is not a readable NIR file ({type(err).__name__}: {str(err)[:120]})") from None
     check_shapes(graph, path)
     return graph

@@ -19,7 +19,7 @@ from mpis.export.fixed_point import INPUT_BITS
 from mpis.export.toolchains import NORSE_DT, SNNTORCH_DT, ToolchainExport
 
 REFERENCE_INPUTS = 8  # a handful: enough to catch a wrong import, small enough to keep the file small
-STEP_SECONDS = {"norse": NORSE_DT, "snntorch": SNNTORCH_DT}  # the importer's dt; Sinabs counts steps (1)
+STEP_SECONDS = {"norse": NORSE_DT, "snntorch": SNNTORCH_DT, "universal": NORSE_DT}  # importer dt; Sinabs: steps
 
 
 def reference_path_for(nir_path) -> str:

@@ -44,6 +44,7 @@ GHOST_THRESHOLD = 1e30  # out of reach: a ghost neuron's membrane grows by at mo
 NORSE_DT = 0.001  # norse.torch.from_nir's default dt: LIF(tau = dt) is then memoryless
 SNNTORCH_DT = 1e-4  # snntorch.import_nir's fixed dt
 SNNTORCH_TAU_SYN = 1e20  # snnTorch: alpha = 1 − dt/tau_syn = 1.0 in float: the synaptic current integrates
+SWITCH_INHIBITION = 2.0**20  # silences the threshold branch of the importers that do not run it
 Shape = tuple[int, ...]
 
 
@@ -90,7 +91,8 @@ class NeuronNodes:
     back: list[tuple[str, str]]
     inlet: str
     spikes: str
-    gate: str | None = None
+    gates: tuple[str, ...] = ()  # nodes that take the ghost inhibition
+    switched: tuple[tuple[str, str], ...] = ()  # (node, "on" | "off"): −2^20 while the importer switch is so
 
 
 @dataclass
@@ -100,6 +102,8 @@ class Recipe:
     build: Callable[..., NeuronNodes]
     about: str
     type_checked: bool = True  # the target's nir version type-checks the file (False: parameters broadcast)
+    nir_104: bool = False  # written for nir <= 1.0.4 (Sinabs): no `v_reset` dataset
+    switch: bool = False  # the file carries the importer switch (`_universal_neuron`)
 
 
 def _diagonal(nir, shape: Shape, value: float, stride: int = 1):
@@ -170,7 +174,7 @@ def _sinabs_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: flo
         (negated, spikes),
         (spikes, reset),
     ]
-    return NeuronNodes(nodes, edges, [(reset, inlet)], inlet, spikes, gate)
+    return NeuronNodes(nodes, edges, [(reset, inlet)], inlet, spikes, (gate,))
 
 
 def _snntorch_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: float, step: float):
@@ -191,7 +195,7 @@ def _snntorch_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: f
         ),
         reset: _diagonal(nir, shape, -vth),
     }
-    return NeuronNodes(nodes, [(spikes, reset)], [(reset, spikes)], spikes, spikes, gate=spikes)
+    return NeuronNodes(nodes, [(spikes, reset)], [(reset, spikes)], spikes, spikes, gates=(spikes,))
 
 
 def _nirtorch_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: float, step: float):
@@ -205,6 +209,58 @@ def _nirtorch_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: f
     return NeuronNodes(nodes, [e for e in edges if e not in back], back, f"{name}.i", f"{name}.spikes")
 
 
+NORSE_TAU, SNNTORCH_TAU = NORSE_DT, SNNTORCH_DT  # memoryless LIF time constants at each importer's dt
+
+
+def _lif(nir, tau: float, r: float, threshold: float):
+    """An LIF with parameters of shape (1,): Sinabs (`any(node.v_leak)`) cannot read any other shape."""
+    one = np.ones(1, dtype=np.float32)
+    return nir.LIF(tau=tau * one, r=r * one, v_leak=0 * one, v_threshold=threshold * one, v_reset=0 * one)
+
+
+def _universal_neuron(nir, name: str, shape: Shape, threshold: np.ndarray, vth: float, step: float):
+    """One pattern that Norse, snnTorch and Sinabs each run, with their defaults, as IF with reset by
+    subtraction (docs/one-nir-file.md). The integrator is a 1×1 identity conv with a self-loop. No LIF is
+    memoryless in both Norse (dt 1e-3) and snnTorch (dt 1e-4), so the file carries one threshold for each,
+    and the importer switch (`on`: 1 in Norse and Sinabs, 0 in snnTorch) silences the other: `tn`
+    (tau 1e-3) for Norse and Sinabs, with Sinabs' multi-spike count k capped to one spike (k − MS_1(k − 1),
+    0 elsewhere); `ts` (tau 1e-4) for snnTorch, whose spikes pass a gate `gs` that discards what the
+    unstable `ts` emits in Norse. Thresholds sit half a membrane step above θ, so that `>` (Norse,
+    snnTorch) and `≥` (Sinabs) agree."""
+    channels = shape[0]
+    level = float(np.min(threshold)) + step / 2  # the real neurons' θ (ghosts are gated instead)
+    inlet, tn, km1, cap, negcap, ts, gs, spikes, reset = (
+        f"{name}.{part}" for part in ("i", "tn", "km1", "cap", "negcap", "ts", "gs", "spikes", "reset")
+    )
+    minus_one = _diagonal(nir, shape, 1.0)
+    minus_one.bias = np.full(channels, -1.0, dtype=np.float32)
+    nodes = {
+        inlet: _diagonal(nir, shape, 1.0),
+        tn: _lif(nir, NORSE_TAU, 10.0, level),
+        km1: minus_one,
+        cap: _lif(nir, NORSE_TAU, 10.0, 1.0),
+        negcap: _diagonal(nir, shape, -1.0),
+        ts: _lif(nir, SNNTORCH_TAU, 1.0, level),
+        gs: _lif(nir, NORSE_TAU, 10.0, 0.5),
+        spikes: _diagonal(nir, shape, 1.0),
+        reset: _diagonal(nir, shape, -vth),
+    }
+    edges = [
+        (inlet, tn),
+        (tn, km1),
+        (km1, cap),
+        (cap, negcap),
+        (inlet, ts),
+        (ts, gs),
+        (tn, spikes),
+        (negcap, spikes),
+        (gs, spikes),
+        (spikes, reset),
+    ]
+    switched = ((tn, "off"), (ts, "on"), (gs, "on"))
+    return NeuronNodes(nodes, edges, [(inlet, inlet), (reset, inlet)], inlet, spikes, (tn, ts), switched)
+
+
 NEURON_RECIPES = {
     "nirtorch": Recipe(_nirtorch_neuron, "standard I / Threshold / Scale nodes (nirtorch 2.6, mpis simulate)"),
     "norse": Recipe(_norse_neuron, "norse.torch.from_nir (Norse 1.1): LIF(tau = dt) threshold on an integrator"),
@@ -212,8 +268,17 @@ NEURON_RECIPES = {
         _sinabs_neuron,
         "sinabs.from_nir (Sinabs 3.1, nir <= 1.0.4): LI integrator, two multi-spike LIF for one spike",
         type_checked=False,
+        nir_104=True,
     ),
     "snntorch": Recipe(_snntorch_neuron, "snntorch.import_nir (snnTorch 1.0): CubaLIF integrator (alpha 1, beta 0)"),
+    "universal": Recipe(
+        _universal_neuron,
+        "one file for Norse, snnTorch and Sinabs: both thresholds and an importer switch (read it with "
+        "nir.read(f, type_check=False))",
+        type_checked=False,
+        nir_104=True,
+        switch=True,
+    ),
 }
 TARGETS = TOOLCHAIN_TARGETS
 assert set(TARGETS) < set(NEURON_RECIPES)
@@ -433,13 +498,18 @@ class _Builder:
             raise MpisError(f"{node.name}: Vth − v_init = {shifted.flat[0]:g} is not on the membrane's 2^-k grid")
         threshold[:, geo.real()] = shifted.reshape(geo.channels, -1)
         built = self.recipe.build(self.nir, node.name, geo.shape, threshold, self.net.neuron.vth, step)
-        inhibition = self.ghost_inhibition(node.name, geo) if built.gate and geo.dilation > 1 else []
+        inhibition = self.ghost_inhibition(node.name, geo) if built.gates and geo.dilation > 1 else []
+        kinds = sorted({kind for _, kind in built.switched})  # a fixed order: the same file in every process
+        silences = {kind: self.switch_silence(node.name, kind, geo.shape) for kind in kinds}
         for name, nir_node in built.nodes.items():
             self.add(name, nir_node, geo.shape, geo.shape)
         for source in self.sources[node.inputs[0]]:
             self.connect(source, built.inlet)
         for source in inhibition:
-            self.connect(source, built.gate)
+            for gate in built.gates:
+                self.connect(source, gate)
+        for target, kind in built.switched:
+            self.connect(silences[kind], target)
         for edge in built.edges:
             self.connect(*edge)
         for edge in built.back:
@@ -493,6 +563,46 @@ class _Builder:
         self.connect(one, self.mask_nodes[dilation])
         return self.mask_nodes[dilation]
 
+    def emit_switch(self) -> None:
+        """The importer switch, once per file after the input: a (1,1,1) constant 1, `on` = LIF(tau 1e-3,
+        r 2^-10, θ 0.75) on it, and `off` = 1 − on. Norse and Sinabs ignore r and fire `on` every step;
+        snnTorch divides θ by r·dt/tau and never fires it (docs/one-nir-file.md)."""
+        nir, unit = self.nir, (1, 1, 1)
+        constant = _zero_conv(nir, self.out_shape["input"], unit, torch.ones(1))
+        self.connect("input", self.add("switch.one", constant, self.out_shape["input"], unit))
+        self.connect("switch.one", self.add("switch.on", _lif(nir, NORSE_TAU, 2.0**-10, 0.75), unit, unit))
+        off = _diagonal(nir, unit, -1.0)
+        off.bias = np.ones(1, dtype=np.float32)
+        self.connect("switch.on", self.add("switch.off", off, unit, unit))
+
+    def switch_silence(self, name: str, kind: str, shape: Shape) -> str:
+        """−2^20 on every neuron of a layer while the switch is `kind`: one plane per switch state and map
+        size (painted by a side×side conv from the (1,1,1) switch), then a 1×1 conv to the layer's channels."""
+        side = shape[-1]
+        plane = f"switch.{kind}{side}"
+        if plane not in self.nodes:
+            paint = self.nir.Conv2d(
+                input_shape=(1, 1),
+                weight=np.full((1, 1, side, side), -SWITCH_INHIBITION, dtype=np.float32),
+                stride=1,
+                padding=side - 1,
+                dilation=1,
+                groups=1,
+                bias=np.zeros(1, dtype=np.float32),
+            )
+            self.connect(f"switch.{kind}", self.add(plane, paint, (1, 1, 1), (1, side, side)))
+        spread = self.nir.Conv2d(
+            input_shape=(side, side),
+            weight=np.ones((shape[0], 1, 1, 1), dtype=np.float32),
+            stride=1,
+            padding=0,
+            dilation=1,
+            groups=1,
+            bias=np.zeros(shape[0], dtype=np.float32),
+        )
+        self.connect(plane, self.add(f"{name}.{kind}", spread, (1, side, side), shape))
+        return f"{name}.{kind}"
+
     def initial_potential(self, name: str, shape: Shape) -> np.ndarray:
         if self.v_init is not None:
             return np.full(shape, self.v_init, dtype=np.float32)
@@ -528,6 +638,8 @@ class _Builder:
             if node.kind == "input":
                 self.add("input", self.nir.Input(input_type={"input": np.array(node.shape)}), node.shape, node.shape)
                 self.sources["input"] = ["input"]
+                if self.recipe.switch:
+                    self.emit_switch()
             elif node.kind in ("conv", "linear"):
                 if any(self.net.graph.node(s).kind != "neuron" for s in node.delayed):
                     raise MpisError(
@@ -691,14 +803,16 @@ def _zero_conv(nir, in_shape: Shape, out_shape: Shape, bias: Tensor | None = Non
     c_in, c_out = in_shape[0], out_shape[0]
     size_in, size_out = in_shape[-1], out_shape[-1]
     stride = next((s for s in range(1, size_in + 1) if (size_in - 1) // s + 1 == size_out), None)
-    padding = 0
-    if stride is None:  # grow: stride 1, kernel 1, symmetric padding
+    padding, kernel = 0, 1
+    if stride is None and size_in == 1:  # from a (C, 1, 1) switch: a side×side kernel, padding side − 1
+        stride, padding, kernel = 1, size_out - 1, size_out
+    elif stride is None:  # grow: stride 1, kernel 1, symmetric padding
         if (size_out - size_in) % 2:
             raise MpisError(f"cannot sequence a {size_in}x{size_in} map into a {size_out}x{size_out} one")
         stride, padding = 1, (size_out - size_in) // 2
     return nir.Conv2d(
         input_shape=in_shape[1:],
-        weight=np.zeros((c_out, c_in, 1, 1), dtype=np.float32),
+        weight=np.zeros((c_out, c_in, kernel, kernel), dtype=np.float32),
         stride=stride,
         padding=padding,
         dilation=1,
@@ -721,7 +835,7 @@ def export_toolchain_nir(
 
     path = writable_nir_path(path, overwrite)
     result = build_toolchain_nir(net, target, v_init, steps, weight_bits)
-    finish = _without_v_reset if target == "sinabs" else None
+    finish = _without_v_reset if NEURON_RECIPES[target].nir_104 else None
     write_nir(path, result.graph, NEURON_RECIPES[target].type_checked, finish)
     return result
 

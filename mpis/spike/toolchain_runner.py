@@ -99,7 +99,10 @@ def main(argv: list[str]) -> int:
         print(f"no importer for {toolchain!r}", file=sys.stderr)
         return 2
     torch.set_num_threads(threads)  # torch's own default counts the machine's cores, not --threads
-    graph = nir.read(path)
+    try:  # a universal or Sinabs file has shape-(1,) neuron parameters, which nir 1.0.8's types refuse
+        graph = nir.read(path, type_check=False)
+    except TypeError:  # nir <= 1.0.4 (Sinabs' venv) has no type checking to switch off
+        graph = nir.read(path)
     layers = graph.metadata["layers"]
     x_all = torch.from_numpy(np.load(inputs))
     make, version = IMPORTERS[toolchain](graph)
