@@ -238,8 +238,8 @@ def test_check_toolchain_reports_identity_and_agreement_and_names_what_cannot_ru
     text = out.getvalue()
     assert "toolchains (their own NIR importers" in text and "norse 1.1.0" in text
     # a line as each importer starts and as it ends (they may run for many minutes)
-    assert "toolchain norse: toolchain_norse_v0.5vth.nir at T = 5 on 24 inputs, 2 thread(s) ...\n" in text
-    assert re.search(r"toolchain norse 1.1.0: toolchain_norse_v0.5vth.nir at T = 5 ran in [0-9.]+ s\n", text)
+    assert "toolchain norse: toolchain_universal_v0.5vth.nir at T = 5 on 24 inputs, 2 thread(s) ...\n" in text
+    assert re.search(r"toolchain norse 1.1.0: toolchain_universal_v0.5vth.nir at T = 5 ran in [0-9.]+ s\n", text)
     assert "toolchain spyx: skipped, no mpis export for it yet" in text
     report = json.loads((folder / "report.json").read_text())
     rows = {r["toolchain"]: r for r in report["toolchains"]}

@@ -88,8 +88,9 @@ MIN_TOOLCHAIN_IDENTITY = 0.999  # share of spike counts a toolchain must reprodu
 
 @dataclass
 class ToolchainRow:
-    """One toolchain's importer on its file (`mpis export --target`), one v_init and T: the share of spike
-    counts (per neuron and input) equal to mpis's, and argmax agreement with mpis and with ONNX."""
+    """One toolchain's importer on the universal file (`mpis export --target universal`), one v_init and T:
+    the share of spike counts (per neuron and input) equal to mpis's, and argmax agreement with mpis and
+    with ONNX."""
 
     toolchain: str
     v_init: str
@@ -186,7 +187,8 @@ class CheckReport:
             "artifacts": self.artifacts,
             "seconds": self.seconds,
             "toolchains": [t.as_dict() for t in self.toolchains],
-            "toolchains_what": "each toolchain's own importer on its mpis export --target file (dyadic weights): "
+            "toolchains_what": "each toolchain's own importer on the mpis export --target universal file "
+            "(dyadic weights): "
             "share of spike counts equal to mpis's (every neuron and input), argmax agreement with mpis's spikes "
             "and with the ONNX rate graph; float_*: the file's dyadic net against the float model (argmax agreement, "
             "identical spike counts, mean |delta rate|), what the quantisation costs",
@@ -239,7 +241,7 @@ class CheckReport:
 def toolchain_lines(rows: list[ToolchainRow]) -> list[str]:
     """The toolchains' table: their own importers on their files, against mpis and ONNX."""
     out = [
-        "toolchains (their own NIR importers, mpis export --target files, dyadic weights):",
+        "toolchains (their own NIR importers on one mpis export --target universal file, dyadic weights):",
         f"  {'toolchain':<20} {'v_init':<8} {'T':>5} {'identical spike counts':>23} {'argmax = mpis':>14} "
         f"{'argmax = ONNX':>14} {'seconds':>8}   8-bit net vs float model: argmax, identical counts, mean |Δr|",
     ]

@@ -361,8 +361,8 @@ def toolchain_runs(
     threads: int,
     say: Callable[[str], None],
 ) -> list[ToolchainRow]:
-    """Each toolchain's own importer on its file (exported here, one per numeric v_init) at every T, with
-    `threads` threads, against mpis's spikes of the same dyadic net (simulated once for all toolchains) and
+    """Each toolchain's own importer on the universal file (exported here, one per numeric v_init) at every
+    T, with `threads` threads, against mpis's spikes of the same dyadic net (simulated once for all toolchains) and
     ONNX's argmax. An importer may take many minutes: `say` gets a line as each run starts and ends."""
     if not toolchains:
         return []
@@ -379,16 +379,12 @@ def toolchain_runs(
         else:
             ready.append(toolchain)
     for v in numeric:
-        paths = {}
-        for toolchain in ready:
-            name = f"toolchain_{toolchain.name}_v{v.label}.nir"
-            params = {"kind": "toolchain", "target": toolchain.name, "v_init": v.value, "bits": DEFAULT_WEIGHT_BITS}
-            if not cache.fresh(name, params):
-                export_toolchain_nir(
-                    ckpt.net, cache.claim(name), toolchain.name, v.value, ckpt.solver_cfg.T, overwrite=True
-                )
-                cache.record(name, params)
-            paths[toolchain] = cache.folder / name
+        name = f"toolchain_universal_v{v.label}.nir"  # one file for every toolchain (mpis export --target universal)
+        params = {"kind": "toolchain", "target": "universal", "v_init": v.value, "bits": DEFAULT_WEIGHT_BITS}
+        if ready and not cache.fresh(name, params):
+            export_toolchain_nir(ckpt.net, cache.claim(name), "universal", v.value, ckpt.solver_cfg.T, overwrite=True)
+            cache.record(name, params)
+        paths = dict.fromkeys(ready, cache.folder / name)
         reference.v_init = float_net.v_init = v.value
         for t in steps:
             x, _ = data.sample(t, range(data.count))
