@@ -134,7 +134,7 @@ def _run_demo(
         f"  check artifacts {out / 'check'}  (the ONNX/NIR files the check ran)",
         "next: mpis serve "
         + str(repo)
-        + f"  |  mpis simulate {nir_path}  |  mpis check {checkpoint} --T 10,30,100,300",
+        + f"  |  mpis simulate {nir_path}  |  mpis check {checkpoint} --T 10,30,100,300 --overwrite",
     ]
     return lines, report
 
