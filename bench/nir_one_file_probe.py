@@ -35,7 +35,6 @@ H_SWITCH = 2.0**20  # silences the threshold of the other importer family
 TAU_NORSE = 1e-3  # = norse.torch.from_nir's default dt: memoryless there (and in Sinabs: exp(-1/tau) = 0)
 TAU_SNN = 1e-4  # = snnTorch's hard-coded dt: memoryless there (and in Sinabs)
 SINABS_PY = os.environ.get("MPIS_SINABS_PYTHON", ".venv-sinabs/bin/python")  # .ci/install-sinabs
-HERE = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,8 +397,7 @@ def main(seed: int = 0, patterns=("universal", "dt")) -> int:
     import nir
 
     rng = np.random.default_rng(seed)
-    files = HERE / "files"
-    files.mkdir(exist_ok=True)
+    files = Path(tempfile.mkdtemp(prefix="nir-one-file-"))  # the probe's files, never inside the project
     print(f"seed {seed}: T = {T}, batch {B}, {C} channels on {N}x{N}")
     for pattern in patterns:
         for kind in ("ghost", "loop"):
