@@ -157,6 +157,7 @@ def test_a_preset_sets_the_papers_settings_and_flags_given_win():
         "adamw",
     )
     assert args.epochs == preset.settings["epochs"] and args.jac_reg_warmup == 3.0
+    assert (args.spike_tol, args.phantom_steps, args.jac_reg_every) == (0.15, 3, 4)  # the measured speed levers
     args = parse_args(["train", "--preset", "fashion-mnist", "--out", "x", "--T", "100", "--optimizer", "sgd"])
     assert (args.T, args.optimizer, args.batch_size) == (100, "sgd", 128)
     assert parse_args(["train", "--out", "x"]).T == 30 and parse_args(["train", "--out", "x"]).batch_size == 64
