@@ -12,7 +12,7 @@ Patterns (see docs/one-nir-file.md):
              Works with every importer's defaults.
   dt         conv self-loop integrator, one threshold LIF(tau=1e-4) + the Sinabs cap. Needs
              norse.torch.from_nir(..., dt=1e-4).
-Standalone: numpy, torch, nir, h5py and the toolchains only.
+Builds with mpis's schedule check; runs each importer with numpy, torch, nir, h5py and that toolchain only.
 """
 
 from __future__ import annotations
@@ -187,18 +187,9 @@ def schedule(g: Graph):
         first += [(a, z), (z, c)]
     order.append(g.order[-1])
     edges = first + [e for e in g.edges if e not in first]
-    # check the depth-first order (nirtorch.load) equals `order`
-    out: dict[str, list[str]] = {}
-    for a, c in edges:
-        out.setdefault(a, []).append(c)
-    seen, visited, stack = set(), [], ["input"]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        visited.append(n)
-        stack.extend(reversed([c for c in out.get(n, []) if c not in seen]))
+    from mpis.export.toolchains import _depth_first  # nirtorch.load's walk, as mpis's export checks it
+
+    visited = _depth_first("input", edges)
     assert visited == order, (visited, order)
     pos = {n: i for i, n in enumerate(order)}
     for a, c in edges:
