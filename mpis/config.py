@@ -117,7 +117,7 @@ class TrainConfig:
     data_dir: str | None = _opt(None, "folder with the dataset's standard files (not needed for digits)")
     epochs: int = _opt(15, "training epochs")
     batch_size: int = _opt(64, "batch size")
-    lr: float = _opt(2e-3, "peak learning rate (cosine schedule)")
+    lr: float = _opt(1e-2, "peak learning rate (cosine schedule)")
     optimizer: str = _opt("adamw", "optimizer", ("adamw", "sgd"))
     weight_decay: float = _opt(1e-4, "weight decay (not applied to BN and biases)")
     train_limit: int = _opt(0, "train on the first N training examples only (0: all; for quick experiments)")

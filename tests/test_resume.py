@@ -78,7 +78,7 @@ def test_resume_needs_a_finished_epoch_and_keeps_the_runs_settings(tmp_path):
     changed = faulty_mpis("train", "--out", str(out), "--resume", "--lr", "0.5")
     assert changed.returncode == 2
     assert changed.stderr.strip().splitlines() == [
-        "mpis: error: --resume continues the run as it was started: --lr 0.5 differs from its 0.002 "
+        "mpis: error: --resume continues the run as it was started: --lr 0.5 differs from its 0.01 "
         "(drop the flag, or start a new run with --overwrite or another --out)"
     ]
     both = faulty_mpis("train", "--out", str(out), "--resume", "--overwrite")
