@@ -59,6 +59,8 @@ try:
 except ImportError as _err:
     raise MpisError(f"mpis serve needs the serve extra ({_err.name} is missing): pip install 'mpis[serve]'") from None
 
+SHUTDOWN_GRACE_S = 5  # seconds open connections get to finish when the server stops
+
 PLATFORMS = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
 ORT_TYPES = {  # ONNX Runtime's type names -> KServe's
     "tensor(bool)": "BOOL",
@@ -802,6 +804,7 @@ class ModelServer:
             h11_max_incomplete_event_size=MAX_HEAD_BYTES,
             log_level="warning",
             access_log=False,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,  # a client that keeps its connection open cannot hold shutdown
         )
         limit_log_rate()
         self._server = _Uvicorn(config)
@@ -829,7 +832,10 @@ class ModelServer:
 
     def __exit__(self, *exc: object) -> None:
         self._server.should_exit = True
-        self._thread.join()
+        self._thread.join(timeout=2 * SHUTDOWN_GRACE_S)
+        if self._thread.is_alive():  # a request still computing past the grace period: stop without it
+            self._server.force_exit = True
+            self._thread.join(timeout=SHUTDOWN_GRACE_S)
         self.socket.close()
 
 
