@@ -31,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 from mpis.cli import main
 from mpis.errors import MpisError
 from mpis.serve import limits
+from mpis.serve import server as server_module
 from mpis.serve.server import Limits, ModelServer, RequestError, json_array, parse_pbtxt, read_model
 
 MAX_BATCH = 8
@@ -750,3 +751,17 @@ def test_perf_analyzer_measures_mpis_serve_without_being_told_the_version(server
     counts = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in server_side.splitlines()[1:4])}
     assert int(counts["Inference count"]) >= 30 and int(counts["Successful request count"]) >= 30
     assert "compute infer" in server_side
+
+
+def test_stopping_does_not_wait_for_a_client_that_never_finishes_its_request(repo):
+    """A client holding a half-sent request must not hold the server's shutdown (CI's suite once stalled at
+    the server fixture's teardown); the grace period bounds it."""
+    with ModelServer(repo, port=0) as server:
+        host, port = server.url.rsplit(":", 1)
+        held = socket.create_connection((host, int(port)))
+        held.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nxx")
+        time.sleep(0.2)
+        started = time.monotonic()
+    stopped_after = time.monotonic() - started
+    held.close()
+    assert stopped_after < 3 * server_module.SHUTDOWN_GRACE_S
