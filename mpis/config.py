@@ -3,7 +3,7 @@ stores them, so later commands (export, check) rebuild exactly the trained model
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from mpis.errors import MpisError
@@ -17,6 +17,11 @@ NEURONS = ("if", "lif")
 RESETS = ("soft", "hard")
 SURROGATES = ("atan", "sigmoid", "triangle")
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "nmnist")
+EVENT_DATASETS = ("nmnist",)
+LEGACY_BN_EPS = 1e-5  # torch's default, and what every checkpoint without a stored bn_eps was trained with
+# Event frames: channels fed by sparse events have batch variances near 1e-5, so BN with torch's ε divides
+# them into loop gains in the hundreds (‖J‖²/dim 15,242 at initialisation on N-MNIST); ε = 1 bounds the gain.
+EVENT_BN_EPS = 1.0
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -34,6 +39,12 @@ class ModelConfig:
     reset: str = _opt("soft", "after a spike: subtract Vth (soft) or reset to zero (hard)", RESETS)
     dropout: float = _opt(0.05, "variational dropout rate (one channel mask per sample and solve)")
     upsample: str = _opt("transpose", "up-sampling fusion module", ("transpose", "nearest"))
+    bn_eps: float = _opt(
+        0.0,
+        "BatchNorm ε, the floor under each channel's batch variance (0: by dataset, "
+        f"{EVENT_BN_EPS:g} for event frames (nmnist), whose sparse channels would otherwise give the loop "
+        f"gains in the hundreds and a rate graph that never settles; {LEGACY_BN_EPS:g} otherwise)",
+    )
 
     def validate(self) -> None:
         if not self.vth > 0:
@@ -42,6 +53,18 @@ class ModelConfig:
             raise MpisError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.leak <= 1.0:
             raise MpisError(f"--leak must be in (0, 1], got {self.leak}")
+        if not self.bn_eps >= 0.0:
+            raise MpisError(f"--bn-eps must be >= 0 (0: by dataset), got {self.bn_eps}")
+
+    def for_dataset(self, dataset: str) -> ModelConfig:
+        """This config with `bn_eps` 0 ("by dataset") replaced by the dataset's value, as a checkpoint stores it."""
+        if self.bn_eps > 0:
+            return self
+        return replace(self, bn_eps=EVENT_BN_EPS if dataset in EVENT_DATASETS else LEGACY_BN_EPS)
+
+    @property
+    def effective_bn_eps(self) -> float:
+        return self.bn_eps if self.bn_eps > 0 else LEGACY_BN_EPS
 
     @property
     def effective_leak(self) -> float:

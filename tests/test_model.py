@@ -135,3 +135,28 @@ def test_an_unsettled_loop_runs_all_T_steps_whatever_the_spike_tol():
     with torch.no_grad():
         _, steps = model.solve(torch.rand(4, 1, 8, 8), {})
     assert steps == 40
+
+
+def test_event_frames_get_a_batchnorm_epsilon_that_bounds_the_loop_gain():
+    """N-MNIST channels fed by sparse events have batch variances near 1e-5: with torch's ε, BN turns them
+    into loop gains in the hundreds. `--bn-eps 0` (the default) picks ε by dataset; the checkpoint stores it."""
+    from mpis.config import EVENT_BN_EPS, LEGACY_BN_EPS, ModelConfig
+    from mpis.model.network import MPISNet
+
+    assert ModelConfig().for_dataset("nmnist").bn_eps == EVENT_BN_EPS == 1.0
+    assert ModelConfig().for_dataset("digits").bn_eps == LEGACY_BN_EPS
+    assert ModelConfig(bn_eps=0.25).for_dataset("nmnist").bn_eps == 0.25  # an explicit choice stays
+    net = MPISNet.from_config(ModelConfig(arch="4C3-1F1*(6C3)-FC10").for_dataset("nmnist"), (2, 8, 8))
+    assert {op.bn.eps for op in net.ops.values() if hasattr(op, "bn")} == {1.0}
+
+
+def test_a_checkpoint_written_before_bn_eps_existed_loads_with_torchs_epsilon(checkpoint, tmp_path):
+    from mpis.train.checkpoint import load_checkpoint
+
+    payload = torch.load(checkpoint, weights_only=True)
+    assert payload["model"]["bn_eps"] == 1e-5  # training resolved "by dataset" for digits and stored it
+    del payload["model"]["bn_eps"]
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    net = load_checkpoint(old).net
+    assert {op.bn.eps for op in net.ops.values() if hasattr(op, "bn")} == {1e-5}

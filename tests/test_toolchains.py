@@ -277,7 +277,39 @@ def test_a_toolchain_file_is_read_through_the_size_limits_before_its_importer_st
         run_toolchain(nowhere, path, torch.rand(2, 1, 8, 8), 2, batch=2)
 
 
-@pytest.mark.parametrize("target", ["norse", "sinabs", "snntorch"])
+@pytest.mark.parametrize("target", ["universal", "norse"])
+@pytest.mark.parametrize("frames", [0, 6])
+def test_mpis_runtime_runs_the_universal_file_with_the_models_spikes(target, frames, tmp_path):
+    """mpis's own graph runtime runs these files as Norse's importer does (LIF at dt = 1e-3, r ignored):
+    every spike count of the dyadic net, and the summed per-step logits as the score."""
+    from mpis.spike.simulate import compile_graph, layer_counts
+
+    shape = (2, 34, 34) if frames else (1, 16, 16)
+    arch = "2F1*(32C3S1-32C3S2-64C3S1)-FC10" if frames else "16C3S1-2F1*(32C3S2-48C3S1)-FC10"
+    x = (torch.rand(3, frames, *shape) < 0.2).float() if frames else torch.rand(3, *shape).mul(256).floor().div(256)
+    path = tmp_path / f"{target}.nir"
+    export = export_toolchain_nir(spiky_net(divided_arch(arch), shape), path, target, 0.5)
+    program = compile_graph(path)
+    result = program.run(x, 12)
+    counts = layer_counts(program.graph, result.spike_counts)
+    record = mpis_spikes(export, x, 12, 0.5)
+    assert sorted(counts) == sorted(record.spike_counts)  # the layers, not the pattern's helper neurons
+    assert all(torch.equal(counts[k], v) for k, v in record.spike_counts.items())
+    assert sum(float(v.sum()) for v in record.spike_counts.values()) > 0
+    assert torch.allclose(result.scores / 12, export.net.classify(record.state_rates), atol=1e-4)
+
+
+def test_mpis_simulate_evaluates_the_universal_file(checkpoint, tmp_path, capsys):
+    path = tmp_path / "universal.nir"
+    assert main(["export", str(checkpoint), "--nir", str(path), "--target", "universal", "--allow-unsettled"]) == 0
+    capsys.readouterr()
+    assert main(["simulate", str(path), "--limit", "16", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"accuracy 0\.\d+ on 16 inputs \(spiking, T = 5", out)
+    assert "s1_l1" in out and ".tn" not in out  # rates per model layer, not per helper neuron
+
+
+@pytest.mark.parametrize("target", ["sinabs", "snntorch"])
 def test_mpis_simulate_refuses_a_file_written_for_another_importer(target, tmp_path, capsys):
     path = tmp_path / f"{target}.nir"
     export_toolchain_nir(spiky_net(divided_arch("16C3S1-2F1*(32C3S2-48C3S1)-FC10"), (1, 8, 8)), path, target, 0.5)

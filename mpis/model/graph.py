@@ -43,7 +43,9 @@ class Graph:
         return next(n for n in self.nodes if n.name == name)
 
 
-def build_graph(arch: Arch, input_shape: tuple[int, int, int], upsample: str) -> tuple[Graph, dict[str, nn.Module]]:
+def build_graph(
+    arch: Arch, input_shape: tuple[int, int, int], upsample: str, bn_eps: float = 1e-5
+) -> tuple[Graph, dict[str, nn.Module]]:
     """Nodes in topological order (forward edges only) and the module of every node that has weights."""
     if upsample not in UPSAMPLE_MODES:
         raise MpisError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}, got {upsample!r}")
@@ -53,7 +55,7 @@ def build_graph(arch: Arch, input_shape: tuple[int, int, int], upsample: str) ->
 
     def conv_layer(name: str, inputs: tuple[str, ...], in_c: int, layer, size: tuple[int, int]) -> tuple[int, int]:
         size = (down_size(size[0], layer.stride), down_size(size[1], layer.stride))
-        ops[f"{name}_conv"] = ConvBN(in_c, layer.channels, layer.kernel, layer.stride)
+        ops[f"{name}_conv"] = ConvBN(in_c, layer.channels, layer.kernel, layer.stride, bn_eps)
         nodes.append(Node(f"{name}_conv", "conv", (layer.channels, *size), inputs))
         nodes.append(Node(name, "neuron", (layer.channels, *size), (f"{name}_conv",)))
         return size

@@ -62,10 +62,10 @@ class ConvBN(nn.Module):
     `calibrate` moves the running statistics towards the fixed point's batch statistics.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int):
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, eps: float = 1e-5):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding=kernel // 2, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps)
 
     def forward(self, x: Tensor, stats: str = "running") -> Tensor:
         """`running`: deployed statistics; `batch`: this batch's; `track`: this batch's, and update the

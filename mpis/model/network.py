@@ -55,6 +55,7 @@ class MPISNet(nn.Module):
         reset: str = "soft",
         v_init: float = 0.0,
         imp: bool = False,
+        bn_eps: float = 1e-5,
     ):
         super().__init__()
         self.arch = parse_arch(arch) if isinstance(arch, str) else arch
@@ -63,7 +64,7 @@ class MPISNet(nn.Module):
         self.dropout = float(dropout)
         self.v_init = float(v_init)
         self.graph: Graph
-        self.graph, ops = build_graph(self.arch, self.input_shape, upsample)
+        self.graph, ops = build_graph(self.arch, self.input_shape, upsample, bn_eps)
         self.ops = nn.ModuleDict(ops)
         nodes = [n for n in self.graph.nodes if n.kind not in ("input", "head")]
         in_loop = _depends_on(nodes, set(), through_delayed=True)
@@ -86,7 +87,18 @@ class MPISNet(nn.Module):
     def from_config(cls, cfg, input_shape: tuple[int, int, int]) -> MPISNet:
         """Build from a `ModelConfig` (kept untyped here so the model does not import the CLI's config)."""
         leak = cfg.effective_leak
-        return cls(cfg.arch, input_shape, cfg.vth, cfg.dropout, cfg.upsample, leak, cfg.reset, cfg.v_init, cfg.imp)
+        return cls(
+            cfg.arch,
+            input_shape,
+            cfg.vth,
+            cfg.dropout,
+            cfg.upsample,
+            leak,
+            cfg.reset,
+            cfg.v_init,
+            cfg.imp,
+            cfg.effective_bn_eps,
+        )
 
     def initial_potential(self, name: str, like: Tensor) -> Tensor:
         v0 = self.imp[name] if name in self.imp else None

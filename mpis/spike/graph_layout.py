@@ -168,10 +168,11 @@ class Program:
     _dynamic: list[Op] = field(repr=False)
     _op_names: dict[Op, str] = field(repr=False)
     _output_terms: Terms = field(repr=False)
-    output_spikes: bool = field(repr=False)  # the Output reads spiking nodes
+    output_spikes: bool = field(repr=False)  # score the Output's sum over steps (it reads spikes, or per-step logits)
     _shapes: dict[str, tuple[int, ...]] | None = field(default=None, repr=False)
     _fan_out: dict[str, Tensor] | None = field(default=None, repr=False)
     native: SpikeRun | None = field(default=None, repr=False)  # the native layout's program, when compiled
+    _tallied: tuple[int, ...] = field(default=(), repr=False)  # slots of declared spike maps that are not neurons
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -221,6 +222,8 @@ class Program:
                 for op in self._dynamic:
                     op(cur, prev, state, counts)
                 op = None
+                for slot in self._tallied:
+                    counts[slot] = cur[slot].clone() if counts[slot] is None else counts[slot].add_(cur[slot])
                 out = summed_input(self._output_terms, cur, prev, None, self.output_node)
                 total = out.clone() if total is None else total.add_(out)
                 prev = cur
@@ -249,10 +252,12 @@ def compile_program(
     reset: str | None = None,
     dtype: torch.dtype = torch.float32,
     sum_order: str = "sorted",
+    norse_dt: float | None = None,
 ) -> Program:
     """Compile a NIR graph for `device` and `dtype`; `reset` overrides every IF/LIF node's reset mode
     (`subtract` or `zero`, default: each node's metadata, else the NIR spec's reset to v_reset);
-    `sum_order` as `schedule`'s."""
+    `sum_order` as `schedule`'s; `norse_dt`: run LIF nodes as norse.torch.from_nir does at that dt (files
+    written for Norse's importer, and the universal file, whose spikes in Norse are mpis's)."""
     if reset is not None and reset not in RESETS:
         raise MpisError(f"unknown reset {reset!r}; choose one of {', '.join(RESETS)}")
     device = _device(device)
@@ -290,7 +295,8 @@ def compile_program(
             if kind in ("IF", "LIF"):
                 resets[name] = reset_mode(node, reset)
                 v_init = node.metadata.get("v_init") if resets[name] == "subtract" else None
-            fn = STATEFUL[kind](node, like, resets.get(name), v_init)
+            extra = {"norse_dt": norse_dt} if kind in ("LIF", "LI") and norse_dt is not None else {}
+            fn = STATEFUL[kind](node, like, resets.get(name), v_init, **extra)
             op = stateful_op(slots[name], terms, fn, input_shape_of(node), name, kind)
         else:
             fn = STATELESS[kind](node, like)
@@ -303,6 +309,9 @@ def compile_program(
             static_ops.append(op)
         else:
             dynamic.append(op)
+    declared = declared_spike_maps(graph)
+    if declared:  # a file that says where its layers' spikes are: count those, not its helper neurons
+        spiking = list(declared)
     program = Program(
         graph,
         device,
@@ -317,9 +326,19 @@ def compile_program(
         dynamic,
         names,
         output_terms,
-        all(type(graph.nodes[s]).__name__ in SPIKING for s in sources[output_node]),
+        # Toolchain files output the head's value of each step (no integrator): their score is its sum.
+        bool(declared) or all(type(graph.nodes[s]).__name__ in SPIKING for s in sources[output_node]),
+        _tallied=tuple(slots[n] for n in declared if type(graph.nodes[n]).__name__ not in SPIKING),
     )
     return program
+
+
+def declared_spike_maps(graph) -> tuple[str, ...]:
+    """The nodes a toolchain file's metadata names as its neuron layers' spikes (`layers.*.spikes`; the
+    ghost layout, mpis.export.toolchains), in layer order; () for other files."""
+    layers = getattr(graph, "metadata", {}).get("layers", {})
+    names = [str(info["spikes"]) for info in layers.values() if isinstance(info, dict) and "spikes" in info]
+    return tuple(n for n in names if n in graph.nodes)
 
 
 def _device(device: str | torch.device) -> torch.device:

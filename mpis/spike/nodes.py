@@ -217,12 +217,19 @@ def _integrator(node, like, reset: str | None, v_init):
     return step
 
 
-def _leaky(node, like, reset: str | None, v_init):
-    """LIF (reset given) or LI (reset None): v += (1/τ)·((r·x + v_leak) − v), as Norse's LIF box cell."""
-    r = None if is_ones(node.r) else tensor_of(node.r, like)
-    k, v_leak = 1.0 / tensor_of(node.tau, like), tensor_of(node.v_leak, like)
+def _leaky(node, like, reset: str | None, v_init, norse_dt: float | None = None):
+    """LIF (reset given) or LI (reset None): v += (1/τ)·((r·x + v_leak) − v), as Norse's LIF box cell.
+
+    `norse_dt`: run the node exactly as norse.torch.from_nir does at that dt (the files mpis writes for
+    Norse's importer rely on it): v += (dt·(1/τ))·((x + v_leak) − v) with the factor rounded to float32 as
+    Norse rounds it, r ignored, reset to 0."""
+    norse = norse_dt is not None
+    r = None if is_ones(node.r) or norse else tensor_of(node.r, like)
+    tau = tensor_of(node.tau, like)
+    k = (norse_dt * (1.0 / tau.float())).to(like.dtype) if norse else 1.0 / tau
+    v_leak = tensor_of(node.v_leak, like)
     threshold = None if reset is None else tensor_of(node.v_threshold, like)
-    v_reset = None if reset is None else tensor_of(node.v_reset, like)
+    v_reset = None if reset is None else torch.zeros_like(threshold) if norse else tensor_of(node.v_reset, like)
     v0 = v_leak if v_init is None else tensor_of(v_init, like)
 
     def step(x: Tensor, v: Tensor | None):

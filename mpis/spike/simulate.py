@@ -15,10 +15,15 @@ from torch import Tensor
 from mpis.errors import MpisError
 from mpis.export.nir import native_layer
 from mpis.export.nir_nodes import read_nir
+from mpis.export.toolchains import NORSE_DT
 from mpis.spike.graph_layout import Program, compile_program, dense_macs, synaptic_ops
 from mpis.spike.native_layout import compile_native
 
 LAYOUTS = ("graph", "native")
+# The files this runtime simulates, by their metadata's target: how their LIF nodes run (None: as NIR's
+# equations with dt = 1; a dt: as norse.torch.from_nir runs them at that dt, which is what the universal
+# file's neurons need to be IF with reset by subtraction, docs/one-nir-file.md).
+RUNS_AS: dict[str, float | None] = {"nirtorch": None, "norse": NORSE_DT, "universal": NORSE_DT}
 
 
 def compile_graph(
@@ -37,7 +42,7 @@ def compile_graph(
     if isinstance(graph, str | Path):
         graph = read_nir(graph)
     target = getattr(graph, "metadata", {}).get("target", "nirtorch")
-    if target != "nirtorch":
+    if target not in RUNS_AS:
         raise MpisError(
             f"this file is written for {target}'s own importer (mpis export --target {target}), whose neurons read "
             f"differently; run it there: mpis check CHECKPOINT --toolchain {target}"
@@ -48,7 +53,7 @@ def compile_graph(
         raise MpisError(
             "this file is in the ghost layout (odd map sizes: its convs are the model's own); use --layout graph"
         )
-    program = compile_program(graph, device, reset, dtype, sum_order)
+    program = compile_program(graph, device, reset, dtype, sum_order, RUNS_AS[target])
     if layout == "native":
         try:
             program.native = compile_native(program)

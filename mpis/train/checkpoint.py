@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpis.config import ModelConfig, SolverConfig, TrainConfig, config_from_dict
+from mpis.config import LEGACY_BN_EPS, ModelConfig, SolverConfig, TrainConfig, config_from_dict
 from mpis.errors import MpisError
 from mpis.train.models import build_model
 
@@ -129,7 +129,9 @@ class Checkpoint:
 
     def __init__(self, payload: dict[str, Any], path: Path):
         self.path = path
-        self.model_cfg: ModelConfig = config_from_dict(ModelConfig, payload["model"])
+        # Checkpoints from before --bn-eps were all trained with torch's ε.
+        model = {"bn_eps": LEGACY_BN_EPS, **payload["model"]}
+        self.model_cfg: ModelConfig = config_from_dict(ModelConfig, model)
         self.solver_cfg: SolverConfig = config_from_dict(SolverConfig, payload["solver"])
         self.train_cfg: TrainConfig = config_from_dict(TrainConfig, payload["train"])
         self.input_shape = tuple(int(v) for v in payload["input_shape"])

@@ -241,6 +241,7 @@ def train(
     With `resume`, continue the run in `out` from its last complete epoch."""
     for cfg in (model_cfg, solver_cfg, train_cfg):
         check_choices(cfg)
+    model_cfg = model_cfg.for_dataset(train_cfg.dataset)
     ddp = Distributed.from_env()
     device = resolve_device(train_cfg.device)
     if ddp.world > 1 and device.type == "cuda":
