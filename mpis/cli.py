@@ -225,7 +225,7 @@ def _wrote(lines: list[str]) -> int:
 def _refuse_before_work(args: argparse.Namespace) -> None:
     """The refusals that need no model: an output that exists without --overwrite, a flavour the target has
     no use for. They come before the seconds of scoring and the minutes of ONNX tracing."""
-    if args.nir and args.target != "nirtorch" and args.flavour != "exact":
+    if args.nir and args.flavour is not None and args.target not in (None, "nirtorch"):
         raise MpisError(
             f"--flavour {args.flavour} is for --target nirtorch; --target {args.target} has its own neurons"
         )
@@ -254,9 +254,21 @@ def _spiking_v_init(ckpt, args: argparse.Namespace) -> float | None:
 def _export_nir(ckpt, args: argparse.Namespace, path: Path, staged, inputs) -> list[str]:
     """Write the spiking graph to `path` (the staging file of --nir); returns what was written."""
     from mpis.export.nir import export_nir
+    from mpis.export.toolchains import universal_refusal
 
-    if args.target != "nirtorch":
+    notes = []
+    if args.target is None and args.flavour is None:  # the default: one file for every toolchain, if it fits
+        reason = universal_refusal(ckpt.net, _spiking_v_init(ckpt, args), args.weight_bits)
+        if reason is None:
+            args.target = "universal"
+        else:
+            notes.append(
+                f"note: the universal NIR file cannot hold this net ({reason}); wrote the standard one instead "
+                "(--target nirtorch: mpis simulate and nirtorch run it, the toolchains' importers do not)"
+            )
+    if args.target not in (None, "nirtorch"):
         return _export_toolchain_nir(ckpt, args, path, staged, inputs)
+    args.flavour = args.flavour or "exact"
     if args.max_param_growth <= 0:
         raise MpisError(f"--max-param-growth must be > 0, got {args.max_param_growth}")
     print(f"exporting the spiking graph to {args.nir} ({args.flavour}; probing the polyphase blocks) ...", flush=True)
@@ -276,7 +288,7 @@ def _export_nir(ckpt, args: argparse.Namespace, path: Path, staged, inputs) -> l
             "note: with leaky neurons the Trans feedback's first-step response cannot be folded into the "
             "thresholds, so the loop's spike counts drift from the model's (IF neurons are exact)"
         )
-    return [
+    return notes + [
         f"{args.nir} ({args.flavour}): {len(result.graph.nodes)} nodes, {len(result.graph.edges)} edges; "
         f"parameters {result.nir_params:,} vs the model's {result.source_params:,} ({result.growth:.2f}x)"
         + (f"; polyphase layers: {layouts}" if layouts else "")
@@ -288,10 +300,6 @@ def _export_toolchain_nir(ckpt, args: argparse.Namespace, path: Path, staged, in
     from mpis.export.reference import REFERENCE_INPUTS, on_input_grid, reference_data, reference_path_for
     from mpis.export.toolchains import NEURON_RECIPES, export_toolchain_nir
 
-    if args.flavour != "exact":
-        raise MpisError(
-            f"--flavour {args.flavour} is for --target nirtorch; --target {args.target} has its own neurons"
-        )
     v_init = _spiking_v_init(ckpt, args)
     print(f"exporting the spiking graph for {args.target}'s importer to {args.nir} ...", flush=True)
     result = export_toolchain_nir(
@@ -442,19 +450,19 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     export.add_argument("--nir", help="write the spiking graph (integrate-and-fire, feedback loop) to this NIR file")
     export.add_argument(
         "--flavour",
-        default="exact",
         choices=("exact", "compact"),
-        help="NIR neuron encoding: "
-        "exact = standard I/Threshold/Scale nodes with subtract reset; compact = one IF per layer",
+        help="--target nirtorch's neuron encoding (implies that target): exact = standard I/Threshold/Scale "
+        "nodes with subtract reset (its default); compact = one IF per layer",
     )
     export.add_argument(
         "--target",
-        default="nirtorch",
-        choices=("nirtorch", *TOOLCHAIN_TARGETS, "universal"),
-        help="whose NIR importer the file is written for: nirtorch = standard nodes, exact for nirtorch 2.6 "
-        "with mpis's node map and mpis simulate (--flavour); norse, sinabs, snntorch = that toolchain's own "
-        "importer; universal = one file that all three run with mpis's spikes (read it with "
-        "nir.read(f, type_check=False); docs/toolchain-importers.md, docs/one-nir-file.md)",
+        choices=("universal", "nirtorch", *TOOLCHAIN_TARGETS),
+        help="whose NIR importer the file is written for. Default: universal, one file that Norse, Sinabs and "
+        "snnTorch each run with their own importer and mpis's spikes, and mpis simulate runs too (read it with "
+        "nir.read(f, type_check=False); docs/one-nir-file.md), or, for a net it cannot hold (leaky or hard-reset "
+        "neurons, fusion after the last FEB layer, a learned IMP without --v-init), nirtorch, said so. "
+        "nirtorch = standard nodes, exact for nirtorch 2.6 with mpis's node map and mpis simulate (--flavour); "
+        "norse, sinabs, snntorch = a smaller file for that toolchain's importer alone",
     )
     export.add_argument(
         "--weight-bits",

@@ -54,6 +54,7 @@ def _run_demo(
     from mpis.export.nir import export_nir
     from mpis.export.onnx import INPUT_NAME, LOGITS_NAME, export_onnx
     from mpis.export.outputs import ExportOutputs
+    from mpis.export.toolchains import export_toolchain_nir, universal_refusal
     from mpis.export.triton import write_triton_repo
     from mpis.model.deployed import default_nir_v_init
     from mpis.train.checkpoint import load_checkpoint
@@ -94,7 +95,10 @@ def _run_demo(
     )
     parity = export_onnx(ckpt.net, onnx_path, solver_cfg.T, True, sample, overwrite, horizon=solver_cfg.T, say=say)
     v0 = default_nir_v_init(ckpt.net)  # what mpis export --nir writes: Vth/2 for IF neurons
-    nir = export_nir(ckpt.net, nir_path, "exact", v0, solver_cfg.T, "digits", overwrite, DEFAULT_MAX_PARAM_GROWTH)
+    if universal_refusal(ckpt.net, v0) is None:  # the file mpis export --nir writes by default
+        nir = export_toolchain_nir(ckpt.net, nir_path, "universal", v0, solver_cfg.T, overwrite=overwrite)
+    else:
+        nir = export_nir(ckpt.net, nir_path, "exact", v0, solver_cfg.T, "digits", overwrite, DEFAULT_MAX_PARAM_GROWTH)
     outputs = [(LOGITS_NAME, (ckpt.net.arch.classes,)), *((f"rate_{n.name}", n.shape) for n in ckpt.net.neurons)]
     with ExportOutputs() as staged:
         triton = write_triton_repo(
@@ -127,7 +131,8 @@ def _run_demo(
         f"  checkpoint      {checkpoint}  (test accuracy {metrics.get('test_acc', float('nan')):.4f})",
         f"  metrics         {out / 'metrics.jsonl'}",
         f"  ONNX            {onnx_path}  ({parity.summary()})",
-        f"  NIR             {nir_path}  (v_init {v_init}, {len(nir.graph.nodes)} nodes)",
+        f"  NIR             {nir_path}  ({nir.graph.metadata.get('target', 'nirtorch')} file, v_init {v_init}, "
+        f"{len(nir.graph.nodes)} nodes)",
         *(f"  Triton model    {p}" for p in triton),
         f"  check report    {report.files['report']}",
         f"  check plot      {report.files['plot']}",

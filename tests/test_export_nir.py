@@ -55,7 +55,8 @@ def test_without_a_polyphase_path_the_spikes_are_identical_in_float32():
 def test_trained_checkpoint_exports_a_type_checked_file_that_spikes_like_the_model(checkpoint, tmp_path):
     path = tmp_path / "model.nir"
     # the model simulates from its own v_init 0; the export's default is Vth/2 (default_nir_v_init)
-    assert main(["export", str(checkpoint), "--allow-unsettled", "--nir", str(path), "--v-init", "0"]) == 0
+    args = ["export", str(checkpoint), "--allow-unsettled", "--nir", str(path), "--v-init", "0", "--target", "nirtorch"]
+    assert main(args) == 0
     graph = read_nir(path)  # nir.read with type checking
     assert graph.metadata["arch"] == str(parse_arch(TINY_ARCH)) and graph.metadata["flavour"] == "exact"
     assert int(graph.metadata["T"]) == 5

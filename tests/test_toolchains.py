@@ -299,10 +299,12 @@ def test_mpis_runtime_runs_the_universal_file_with_the_models_spikes(target, fra
     assert torch.allclose(result.scores / 12, export.net.classify(record.state_rates), atol=1e-4)
 
 
-def test_mpis_simulate_evaluates_the_universal_file(checkpoint, tmp_path, capsys):
-    path = tmp_path / "universal.nir"
-    assert main(["export", str(checkpoint), "--nir", str(path), "--target", "universal", "--allow-unsettled"]) == 0
-    capsys.readouterr()
+def test_the_default_nir_export_is_the_universal_file_and_mpis_simulate_evaluates_it(checkpoint, tmp_path, capsys):
+    path = tmp_path / "model.nir"
+    assert main(["export", str(checkpoint), "--nir", str(path), "--allow-unsettled"]) == 0
+    assert "(--target universal: one file for Norse, snnTorch and Sinabs" in capsys.readouterr().out
+    assert nir.read(path, type_check=False).metadata["target"] == "universal"
+    assert (tmp_path / "model.reference.h5").is_file()  # its reference recordings, beside it
     assert main(["simulate", str(path), "--limit", "16", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"accuracy 0\.\d+ on 16 inputs \(spiking, T = 5", out)
@@ -362,3 +364,15 @@ def test_the_reference_recordings_check_a_norse_import_with_the_readmes_snippet(
     nir.write_data(str(tmp_path / "model.reference.h5"), data)
     again = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert "Norse reproduces 0.99" in again.stdout
+
+
+def test_a_net_the_universal_file_cannot_hold_gets_the_standard_file_by_default_with_the_reason(tmp_path, capsys):
+    run = tmp_path / "run"
+    arch = "4C3-2F2*(6C3S2-8C3)-FC10"  # fusion after the last FEB layer, as the paper's CIFAR nets
+    assert main(["train", "--arch", arch, "--T", "3", "--epochs", "1", "--quiet", "--out", str(run)]) == 0
+    path = tmp_path / "model.nir"
+    assert main(["export", str(run / "model.pt"), "--nir", str(path), "--allow-unsettled"]) == 0
+    out = capsys.readouterr().out
+    assert "note: the universal NIR file cannot hold this net (toolchain export needs fusion before" in out
+    assert "wrote the standard one instead (--target nirtorch" in out
+    assert nir.read(path).metadata["flavour"] == "exact"

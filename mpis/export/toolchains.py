@@ -821,6 +821,16 @@ def _zero_conv(nir, in_shape: Shape, out_shape: Shape, bias: Tensor | None = Non
     )
 
 
+def universal_refusal(net: MPISNet, v_init: float | None, weight_bits: int = DEFAULT_WEIGHT_BITS) -> str | None:
+    """Why the universal file cannot hold `net` (one line), or None when it can: what `mpis export --nir`
+    asks before choosing its default file."""
+    try:
+        build_toolchain_nir(net, "universal", v_init, None, weight_bits)
+    except MpisError as err:
+        return str(err)
+    return None
+
+
 def export_toolchain_nir(
     net: MPISNet,
     path: Path,
