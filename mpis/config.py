@@ -109,8 +109,10 @@ class SolverConfig:
     )
     jac_reg_warmup: float = _opt(
         1.0,
-        "epochs over which the Jacobian penalty's weight rises linearly from 0 to --jac-reg: at initialisation "
-        "the penalty is 100x the task loss and would otherwise spend the high-learning-rate phase on it alone",
+        "epochs over which the Jacobian penalty's weight rises linearly from 0 to --jac-reg, when the penalty "
+        "exceeds the task loss at the first batch (on digits it is 100x the task loss there and would otherwise "
+        "spend the high-learning-rate phase on it alone); a penalty already below the task loss (N-MNIST with its "
+        "BN ε) has its full weight from the first step",
     )
 
     def validate(self) -> None:

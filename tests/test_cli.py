@@ -51,6 +51,17 @@ def test_jac_reg_warmup_ramps_the_penalty_weight_in_linearly(tmp_path):
     assert json.loads((tmp_path / "flat" / "metrics.jsonl").read_text())["jac_reg_weight"] == 2.0
 
 
+def test_the_penalty_is_ramped_in_only_when_it_outweighs_the_task_loss_at_the_first_batch():
+    from mpis.config import SolverConfig
+    from mpis.train.loop import Distributed, jac_reg_weight, needs_warm_up
+
+    one = Distributed(0, 1, 0)
+    cfg = SolverConfig(jac_reg=1.0, jac_reg_warmup=2.0)
+    assert needs_warm_up(cfg, torch.tensor(2.3), torch.tensor(233.0), one)  # digits at initialisation
+    assert not needs_warm_up(cfg, torch.tensor(2.3), torch.tensor(0.02), one)  # N-MNIST with its BN epsilon
+    assert jac_reg_weight(cfg, 0.5, warm_up=True) == 0.25 and jac_reg_weight(cfg, 0.5, warm_up=False) == 1.0
+
+
 def test_same_seed_gives_the_same_weights_on_cpu(tmp_path):
     train_tiny(tmp_path / "a", "--device", "cpu")
     train_tiny(tmp_path / "b", "--device", "cpu")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
@@ -120,11 +120,23 @@ class Distributed:
         return self.rank == 0
 
 
-def jac_reg_weight(solver_cfg: SolverConfig, epochs_done: float) -> float:
-    """The Jacobian penalty's weight after `epochs_done` epochs: --jac-reg, ramped in over --jac-reg-warmup."""
-    if solver_cfg.jac_reg_warmup <= 0.0:
+def jac_reg_weight(solver_cfg: SolverConfig, epochs_done: float, warm_up: bool | None = True) -> float:
+    """The Jacobian penalty's weight after `epochs_done` epochs: --jac-reg, ramped in over --jac-reg-warmup
+    when the run warms it up (`warm_up`: decided at its first batch, `needs_warm_up`; None: not yet)."""
+    if solver_cfg.jac_reg_warmup <= 0.0 or warm_up is False:
         return solver_cfg.jac_reg
     return solver_cfg.jac_reg * min(1.0, epochs_done / solver_cfg.jac_reg_warmup)
+
+
+def needs_warm_up(solver_cfg: SolverConfig, task_loss: Tensor, penalty: Tensor, ddp: Distributed) -> bool:
+    """Whether the penalty at full weight would outweigh the task loss at the first batch (means over every
+    process, so that a torchrun job decides as one process does): only then is it ramped in."""
+    values = torch.stack([task_loss.detach(), penalty.detach()]).double().cpu()
+    if ddp.world > 1:
+        values = values.to(task_loss.device)
+        dist.all_reduce(values)
+        values = values.cpu() / ddp.world
+    return bool(solver_cfg.jac_reg * values[1] > values[0])
 
 
 def prepare_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
@@ -297,6 +309,7 @@ def _train(
     lines: list[str] = []
     metrics: dict[str, Any] = {}
     done = 0  # epochs complete
+    warm_up: bool | None = None  # ramp the Jacobian penalty in? Decided at the first penalised batch
     if resume:
         payload = read_payload(out / "model.pt")
         run = payload["run"]
@@ -305,6 +318,7 @@ def _train(
         schedule.load_state_dict(run["schedule"])
         set_rng_state(run["rng"])
         done, lines = run["epoch"], list(run["history"])
+        warm_up = run.get("jac_reg_warm_up", True)
         metrics = json.loads(lines[-1]) if lines else {}
         if ddp.main:  # metrics.jsonl may lag model.pt by one epoch (a kill between the two writes)
             atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
@@ -346,7 +360,9 @@ def _train(
             loss = spiking_loss(train_cfg.loss, outputs, y, train_cfg.label_smoothing)
             jacobian = None if info is None else info.jacobian
             if jacobian is not None:
-                weight = jac_reg_weight(solver_cfg, steps_done / len(train_loader)) * solver_cfg.jac_reg_every
+                if warm_up is None:
+                    warm_up = needs_warm_up(solver_cfg, loss, jacobian, ddp)
+                weight = jac_reg_weight(solver_cfg, steps_done / len(train_loader), warm_up) * solver_cfg.jac_reg_every
                 loss = loss + weight * jacobian
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -384,7 +400,7 @@ def _train(
             "residual": float(totals[3] / totals[2]) if train_cfg.method == "mpis" else None,
             "jacobian": float(totals[4] / totals[5]) if totals[5] > 0 else None,
             "forward_steps": float(totals[6] / totals[2]) if train_cfg.method == "mpis" else None,
-            "jac_reg_weight": jac_reg_weight(solver_cfg, steps_done / len(train_loader)),
+            "jac_reg_weight": jac_reg_weight(solver_cfg, steps_done / len(train_loader), warm_up),
             "lr": schedule.get_last_lr()[0],
             **deployed.metrics(),
         }
@@ -396,6 +412,7 @@ def _train(
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
             "rng": rng_state(),
+            "jac_reg_warm_up": warm_up,
         }
         save_checkpoint(out / "model.pt", model, model_cfg, solver_cfg, train_cfg, metrics, run_state)
         atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
