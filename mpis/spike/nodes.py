@@ -156,7 +156,25 @@ def _conv2d(node, like) -> Callable[[Tensor], Tensor]:
     if bias.dim() == 0:
         bias = bias.expand(weight.shape[0]).contiguous()
     geometry = _conv_geometry(node)
+    scale = _diagonal_scale(weight, geometry)
+    if scale is not None:  # a per-channel scale written as a dense 1×1 conv: the same values, C times fewer MACs
+        shift = bias.view(1, -1, 1, 1)
+        return lambda x: x * scale + shift
     return lambda x: F.conv2d(x, weight, bias, *geometry)
+
+
+def _diagonal_scale(weight: Tensor, geometry: tuple) -> Tensor | None:
+    """The per-channel factors (1, C, 1, 1) of a 1×1 conv whose weight is diagonal (the importers cannot
+    read depthwise convs, so toolchain files write identities and resets this way), else None."""
+    stride, padding, _, groups = geometry
+    out_c, in_c, kh, kw = weight.shape
+    if (kh, kw) != (1, 1) or out_c != in_c or stride != (1, 1) or padding not in ((0, 0), "valid") or groups != 1:
+        return None
+    matrix = weight[:, :, 0, 0]
+    diagonal = torch.diagonal(matrix)
+    if not torch.equal(matrix, torch.diag(diagonal)):
+        return None
+    return diagonal.view(1, -1, 1, 1).clone()
 
 
 def _affine(node, like) -> Callable[[Tensor], Tensor]:
