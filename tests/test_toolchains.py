@@ -348,7 +348,7 @@ def readme_reference_snippet() -> str:
 
 @pytest.mark.skipif(importlib.util.find_spec("norse") is None, reason="needs norse")
 def test_the_reference_recordings_check_a_norse_import_with_the_readmes_snippet(checkpoint, tmp_path):
-    args = ["export", str(checkpoint), "--allow-unsettled", "--nir", str(tmp_path / "model.nir"), "--target", "norse"]
+    args = ["export", str(checkpoint), "--allow-unsettled", "--nir", str(tmp_path / "model.nir")]  # the default file
     assert main([*args, "--batch", "16"]) == 0
     recorded = nir.read_data(str(tmp_path / "model.reference.h5")).nodes
     assert recorded["input"].observables["input"].data.shape[:2] == (8, 5)  # 8 inputs, T = 5
