@@ -460,7 +460,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
         help="whose NIR importer the file is written for. Default: universal, one file that Norse, Sinabs and "
         "snnTorch each run with their own importer and mpis's spikes, and mpis simulate runs too (read it with "
         "nir.read(f, type_check=False); docs/one-nir-file.md), or, for a net it cannot hold (leaky or hard-reset "
-        "neurons, fusion after the last FEB layer, a learned IMP without --v-init), nirtorch, said so. "
+        "neurons, a learned IMP without --v-init), nirtorch, said so. "
         "nirtorch = standard nodes, exact for nirtorch 2.6 with mpis's node map and mpis simulate (--flavour); "
         "norse, sinabs, snntorch = a smaller file for that toolchain's importer alone",
     )

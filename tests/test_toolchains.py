@@ -81,11 +81,17 @@ def test_importer_reproduces_every_spike_count_of_a_trained_net(checkpoint, tmp_
     assert torch.equal(run.logits.argmax(1), export.net.classify(record.state_rates).argmax(1))
 
 
+def paper_input(arch: str) -> tuple[int, int, int]:
+    dataset = PAPER_EXAMPLES[arch][0]
+    return (2, 34, 34) if dataset == "N-MNIST" else (3, 16, 16) if dataset.startswith("CIFAR") else (3, 8, 8)
+
+
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("arch", [a for a in PAPER_EXAMPLES if fuses_inside_the_block(a)])
+@pytest.mark.parametrize("arch", list(PAPER_EXAMPLES))
 def test_importer_reproduces_every_paper_topology(arch, target, tmp_path):
-    """Channels ÷ 16, spiky random weights; the N-MNIST net at its own 34×34 (maps 34, 17, 9)."""
-    shape = (2, 34, 34) if PAPER_EXAMPLES[arch][0] == "N-MNIST" else (3, 8, 8)
+    """Channels ÷ 16, spiky random weights; the N-MNIST net at its own 34×34 (maps 34, 17, 9); the CIFAR nets,
+    which fuse after the last FEB layer, at 16×16."""
+    shape = paper_input(arch)
     x = torch.round(torch.rand(8, *shape) * 256) / 256  # 8-bit pixels: exact in every sum too
     export, run = through_importer(spiky_net(divided_arch(arch), shape), target, 0.5, x, 15, tmp_path)
     record = mpis_spikes(export, x, 15, 0.5)
@@ -151,10 +157,47 @@ def test_ghost_layout_keeps_the_models_kernels_where_polyphase_multiplied_them()
     assert export.growth < 2.0
 
 
-def test_fusion_after_the_last_layer_is_refused_with_the_reason():
-    arch = divided_arch("120C3S1-120C3S2-2F3*(240C3S1-360C3S1-480C3S2)-FC10")
-    with pytest.raises(MpisError, match="fusion before the last FEB layer"):
-        build_toolchain_nir(spiky_net(arch, (3, 8, 8)), "norse", 0.5)
+CIFAR_ARCH = "120C3S1-120C3S2-2F3*(240C3S1-360C3S1-480C3S2)-FC10"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_universal_file_holds_a_net_that_fuses_after_the_last_feb_layer(target, tmp_path):
+    """The paper's CIFAR-10 topology (channels ÷ 16): the Trans maps read fused sums, up-sampled; the file
+    keeps those sums exactly 0 off their grid (biases painted on it, the strided fusion read by phase)."""
+    shape = (3, 16, 16)
+    x = torch.round(torch.rand(6, *shape) * 256) / 256
+    path = tmp_path / "universal.nir"
+    export = export_toolchain_nir(spiky_net(divided_arch(CIFAR_ARCH), shape), path, "universal", 0.5)
+    run = run_toolchain(parse_toolchains(toolchain_spec(target))[0], path, x, 15, batch=16)
+    record = mpis_spikes(export, x, 15, 0.5)
+    assert identical_share(run, record) == 1.0
+    assert all(float(c.mean()) > 0.01 for c in record.spike_counts.values())  # every layer fires
+    assert torch.equal(run.logits.argmax(1), export.net.classify(record.state_rates).argmax(1))
+
+
+@pytest.mark.parametrize("target", ["universal", "nirtorch"])
+def test_mpis_runtime_runs_a_net_that_fuses_after_the_last_feb_layer_with_the_models_spikes(target, tmp_path):
+    from mpis.spike.simulate import compile_graph, layer_counts
+
+    shape = (3, 16, 16)
+    x = torch.round(torch.rand(3, *shape) * 256) / 256
+    path = tmp_path / f"{target}.nir"
+    export = export_toolchain_nir(spiky_net(divided_arch(CIFAR_ARCH), shape), path, target, 0.5)
+    program = compile_graph(path)
+    counts = layer_counts(program.graph, program.run(x, 12).spike_counts)
+    record = mpis_spikes(export, x, 12, 0.5)
+    assert sorted(counts) == sorted(record.spike_counts)
+    assert all(torch.equal(counts[k], v) for k, v in record.spike_counts.items())
+
+
+def test_a_strided_fusion_reads_each_phase_through_the_taps_that_reach_the_output_grid():
+    from mpis.export.toolchains import _taps_from_phase
+
+    op = torch.nn.Conv2d(1, 1, 3, 2, padding=1)  # output i reads inputs 2i − 1, 2i, 2i + 1
+    assert _taps_from_phase(op, 0, 0).tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 0]]  # 2i: the centre tap
+    assert _taps_from_phase(op, 1, 1).tolist() == [[1, 0, 1], [0, 0, 0], [1, 0, 1]]  # 2i ± 1: the corners
+    total = sum(_taps_from_phase(op, a, b) for a in (0, 1) for b in (0, 1))
+    assert torch.equal(total, torch.ones(3, 3))  # every tap in exactly one phase
 
 
 def test_both_importer_orders_are_valid_schedules_and_a_broken_one_is_caught():
@@ -368,11 +411,12 @@ def test_the_reference_recordings_check_a_norse_import_with_the_readmes_snippet(
 
 def test_a_net_the_universal_file_cannot_hold_gets_the_standard_file_by_default_with_the_reason(tmp_path, capsys):
     run = tmp_path / "run"
-    arch = "4C3-2F2*(6C3S2-8C3)-FC10"  # fusion after the last FEB layer, as the paper's CIFAR nets
-    assert main(["train", "--arch", arch, "--T", "3", "--epochs", "1", "--quiet", "--out", str(run)]) == 0
+    arch = "4C3-2F2*(6C3S2-8C3)-FC10"
+    args = ["train", "--arch", arch, "--T", "3", "--epochs", "1", "--neuron", "lif", "--quiet", "--out", str(run)]
+    assert main(args) == 0
     path = tmp_path / "model.nir"
     assert main(["export", str(run / "model.pt"), "--nir", str(path), "--allow-unsettled"]) == 0
     out = capsys.readouterr().out
-    assert "note: the universal NIR file cannot hold this net (toolchain export needs fusion before" in out
+    assert "note: the universal NIR file cannot hold this net (toolchain export writes IF neurons with reset" in out
     assert "wrote the standard one instead (--target nirtorch" in out
     assert nir.read(path).metadata["flavour"] == "exact"

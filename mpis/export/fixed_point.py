@@ -46,6 +46,32 @@ def _exponent(op: nn.Module, bits: int) -> int | None:
     return bits - 1 - math.floor(math.log2(largest)) if largest > 0 else 0
 
 
+def _ops_to_a_neuron(net: MPISNet, node) -> int:
+    """How many ops share the grid budget from `node` on: a fusion op whose sum a Trans map reads is the first
+    of three (fusion, Trans, the first layer's conv), such a Trans the first of two; elsewhere an op takes
+    what is left (a Trans on spikes leaves the first layer's conv the rest)."""
+    if any(r.kind == "sum" and node.name in r.inputs for r in net.graph.nodes):
+        return 3
+    return 2 if any(net.graph.node(s).kind == "sum" for s in node.delayed) else 1
+
+
+def _state_fraction(net: MPISNet, name: str, bits: int, budget: int) -> int:
+    """Fractional bits of a map read through a back-edge: 0 for spikes; for a fused sum, the largest of its
+    terms, each a chain of ops on spikes (the exponents `dyadic_copy` gives those ops)."""
+    node = net.graph.node(name)
+    if node.kind == "neuron":
+        return 0
+    if node.kind == "sum":
+        return max(_state_fraction(net, term, bits, budget) for term in node.inputs)
+    if node.kind in ("conv", "linear") and not node.delayed:
+        fraction = max(_state_fraction(net, source, bits, budget) for source in node.inputs)
+        for op in _chain(net.ops[node.name]):
+            e = _exponent(op, bits)
+            fraction += 0 if e is None else min(e, (budget - fraction) // _ops_to_a_neuron(net, node))
+        return fraction
+    raise MpisError(f"{name}: a back-edge map read through {node.kind} {name} cannot be written exactly")
+
+
 def dyadic_copy(net: MPISNet, bits: int) -> tuple[MPISNet, dict[str, Grid], int]:
     """A folded copy of `net` with dyadic weights and the grid of every map. Each op keeps `bits`
     significant bits, fewer where it reads another op's output and the product grid would leave less
@@ -57,7 +83,10 @@ def dyadic_copy(net: MPISNet, bits: int) -> tuple[MPISNet, dict[str, Grid], int]
     # the finest grid on which ±16·Vth is still exact in float32
     budget = MANTISSA_BITS - math.ceil(math.log2(EXACT_RANGE * folded.neuron.vth))
     fewest = bits
+    # Maps of the previous step a Trans map reads: spikes (0 fractional bits), or a sum fused after the last
+    # FEB layer, whose grid is that of the fusion ops that read spikes (computed as the loop below will).
     with torch.no_grad():
+        state = {n: _state_fraction(folded, n, bits, budget) for node in folded.graph.nodes for n in node.delayed}
         for node in folded.graph.nodes:
             if node.kind == "input":
                 grids[node.name] = Grid(INPUT_BITS)
@@ -66,13 +95,15 @@ def dyadic_copy(net: MPISNet, bits: int) -> tuple[MPISNet, dict[str, Grid], int]
             elif node.kind == "sum":
                 grids[node.name] = Grid(max(grids[i].fraction for i in node.inputs))
             elif node.kind in ("conv", "linear"):
-                # a Trans map reads spikes of the previous step (0 fractional bits)
-                fraction = max((grids[s].fraction for s in node.inputs if s in grids), default=0)
+                read = [grids[s].fraction for s in node.inputs if s in grids] + [state[s] for s in node.delayed]
+                fraction = max(read, default=0)
                 for op in _chain(folded.ops[node.name]):
                     e = _exponent(op, bits)
                     if e is None:
                         continue
-                    e = min(e, budget - fraction)  # fewer bits where a chain of ops would not fit
+                    e = min(
+                        e, (budget - fraction) // _ops_to_a_neuron(folded, node)
+                    )  # fewer where a chain would not fit
                     if e < _exponent(op, 2):
                         raise MpisError(
                             f"{node.name}: fewer than 2 significant bits are left for its weights on a 2^-{budget} "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ GHOST_THRESHOLD = 1e30  # out of reach: a ghost neuron's membrane grows by at mo
 NORSE_DT = 0.001  # norse.torch.from_nir's default dt: LIF(tau = dt) is then memoryless
 SNNTORCH_DT = 1e-4  # snntorch.import_nir's fixed dt
 SNNTORCH_TAU_SYN = 1e20  # snnTorch: alpha = 1 − dt/tau_syn = 1.0 in float: the synaptic current integrates
+RELAY_THRESHOLD = 0.5  # a relay's membrane is a whole number of spikes: it fires on 1, not on 0
 SWITCH_INHIBITION = 2.0**20  # silences the threshold branch of the importers that do not run it
 Shape = tuple[int, ...]
 
@@ -322,6 +324,8 @@ class _Builder:
     sources: dict[str, list[str]] = field(default_factory=dict)  # model map -> NIR nodes summing to it
     inlets: dict[str, str] = field(default_factory=dict)  # model neuron layer -> its integrator
     mask_nodes: dict[int, str] = field(default_factory=dict)  # dilation -> its ghost map (see ghost_map)
+    planes: dict[str, str] = field(default_factory=dict)  # painted constant planes by name (see `paint`)
+    relay_nodes: dict[tuple[str, int], dict[tuple[int, int], str]] = field(default_factory=dict)
     spike_nodes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -497,14 +501,32 @@ class _Builder:
         if step and not np.array_equal(np.round(shifted / step) * step, shifted):
             raise MpisError(f"{node.name}: Vth − v_init = {shifted.flat[0]:g} is not on the membrane's 2^-k grid")
         threshold[:, geo.real()] = shifted.reshape(geo.channels, -1)
-        built = self.recipe.build(self.nir, node.name, geo.shape, threshold, self.net.neuron.vth, step)
-        inhibition = self.ghost_inhibition(node.name, geo) if built.gates and geo.dilation > 1 else []
-        kinds = sorted({kind for _, kind in built.switched})  # a fixed order: the same file in every process
-        silences = {kind: self.switch_silence(node.name, kind, geo.shape) for kind in kinds}
-        for name, nir_node in built.nodes.items():
-            self.add(name, nir_node, geo.shape, geo.shape)
+        ghosts = (lambda: self.ghost_map(geo.dilation)) if geo.dilation > 1 else None
+        built = self.emit_pattern(node.name, geo, threshold, self.net.neuron.vth, step, ghosts)
         for source in self.sources[node.inputs[0]]:
             self.connect(source, built.inlet)
+        self.inlets[node.name] = built.inlet
+        self.sources[node.name] = [built.spikes]
+        self.spike_nodes[node.name] = built.spikes
+
+    def emit_pattern(
+        self,
+        name: str,
+        geo: Geometry,
+        threshold: np.ndarray,
+        vth: float,
+        step: float,
+        plane: Callable[[], str] | None,
+    ) -> NeuronNodes:
+        """One neuron layer in the target's pattern; `plane()` (0 where the layer's neurons are, −2^30
+        elsewhere; built only if needed) inhibits the others in targets with one threshold per node. Its
+        inputs are the caller's to connect."""
+        built = self.recipe.build(self.nir, name, geo.shape, threshold, vth, step)
+        inhibition = self.ghost_inhibition(name, geo, plane()) if built.gates and plane is not None else []
+        kinds = sorted({kind for _, kind in built.switched})  # a fixed order: the same file in every process
+        silences = {kind: self.switch_silence(name, kind, geo.shape) for kind in kinds}
+        for part, nir_node in built.nodes.items():
+            self.add(part, nir_node, geo.shape, geo.shape)
         for source in inhibition:
             for gate in built.gates:
                 self.connect(source, gate)
@@ -514,13 +536,11 @@ class _Builder:
             self.connect(*edge)
         for edge in built.back:
             self.connect(*edge, back=True)
-        self.inlets[node.name] = built.inlet
-        self.sources[node.name] = [built.spikes]
-        self.spike_nodes[node.name] = built.spikes
+        return built
 
-    def ghost_inhibition(self, name: str, geo: Geometry) -> list[str]:
+    def ghost_inhibition(self, name: str, geo: Geometry, plane: str) -> list[str]:
         """A conv that is 0 on a layer's real pixels and −2^30 on its ghosts, for targets whose neurons take
-        one threshold per node (or per row or column) only (see `ghost_map`)."""
+        one threshold per node (or per row or column) only: `plane` (`ghost_map`) spread to its channels."""
         weight = np.ones((geo.channels, 1, 1, 1), dtype=np.float32)
         conv = self.nir.Conv2d(
             input_shape=(self.grid, self.grid),
@@ -531,9 +551,8 @@ class _Builder:
             groups=1,
             bias=np.zeros(geo.channels, dtype=np.float32),
         )
-        ghosts = self.ghost_map(geo.dilation)
-        self.add(f"{name}.ghosts", conv, self.out_shape[ghosts], geo.shape)
-        self.connect(ghosts, f"{name}.ghosts")
+        self.add(f"{name}.ghosts", conv, self.out_shape[plane], geo.shape)
+        self.connect(plane, f"{name}.ghosts")
         return [f"{name}.ghosts"]
 
     def ghost_map(self, dilation: int) -> str:
@@ -541,27 +560,112 @@ class _Builder:
         (an all-zero conv with bias 1 from the node emitted before) through one grid×grid conv with padding
         grid − 1, which paints its kernel, flipped, onto the plane — a constant pattern made of nodes that
         every importer maps, with no per-pixel parameter."""
-        if dilation in self.mask_nodes:
-            return self.mask_nodes[dilation]
+        if dilation not in self.mask_nodes:
+            real = Geometry(1, -(-self.grid // dilation), dilation, self.grid).real()
+            self.mask_nodes[dilation] = self.paint(f"mask{dilation}.ghosts", np.where(real, 0.0, -GHOST_INHIBITION))
+        return self.mask_nodes[dilation]
+
+    def paint(self, name: str, pattern: np.ndarray) -> str:
+        """A constant (1, grid, grid) plane holding `pattern`: a 1×1 constant (an all-zero conv with bias 1
+        from the node emitted before) through one grid×grid conv with padding grid − 1, which paints its
+        kernel, flipped, onto the plane. Built once per name."""
+        if name in self.planes:
+            return self.planes[name]
         nir, grid = self.nir, self.grid
         previous, unit, plane = self.order[-1], (1, 1, 1), (1, grid, grid)
         constant = _zero_conv(nir, self.out_shape[previous], unit, torch.ones(1))
-        one = self.add(f"mask{dilation}.one", constant, self.out_shape[previous], unit)
+        one = self.add(f"{name.rsplit('.', 1)[0]}.one", constant, self.out_shape[previous], unit)
         self.connect(previous, one)
-        real = Geometry(1, -(-grid // dilation), dilation, grid).real()
-        pattern = np.where(real, 0.0, -GHOST_INHIBITION).astype(np.float32)[::-1, ::-1]
         paint = nir.Conv2d(
             input_shape=unit[1:],
-            weight=np.ascontiguousarray(pattern[None, None]),
+            weight=np.ascontiguousarray(pattern.astype(np.float32)[::-1, ::-1][None, None]),
             stride=1,
             padding=grid - 1,
             dilation=1,
             groups=1,
             bias=np.zeros(1, dtype=np.float32),
         )
-        self.mask_nodes[dilation] = self.add(f"mask{dilation}.ghosts", paint, unit, plane)
-        self.connect(one, self.mask_nodes[dilation])
-        return self.mask_nodes[dilation]
+        self.planes[name] = self.add(name, paint, unit, plane)
+        self.connect(one, name)
+        return name
+
+    # ---- fusion after the last FEB layer --------------------------------------------------------
+    def emit_fusion(self, node) -> None:
+        """A fusion op whose output joins a sum that a Trans map reads through a back-edge. Up-sampling reads
+        that sum, so the sum must be exactly 0 off its grid (as spike maps are): the op's bias is painted on
+        its grid only, and a strided op reads its layer's spikes split by phase (`relays`), each phase
+        through the taps that reach the output grid from it, so that off-grid outputs read nothing."""
+        ops = _chain(self.net.ops[node.name])
+        source_map = node.inputs[0] if len(node.inputs) == 1 else ""
+        if len(ops) != 1 or self.net.graph.node(source_map).kind != "neuron":
+            raise MpisError(
+                f"toolchain export: {node.name}, a fusion after the last FEB layer, must be one op on one layer's "
+                "spikes (two-stream nets)"
+            )
+        op, geo_in, geo_out = ops[0], self.geometry[source_map], self.geometry[node.name]
+        terms = []
+        stride = op.stride[0] if isinstance(op, nn.Conv2d) else 1
+        if stride > 1:
+            for (a, b), relay in self.relays(source_map, stride).items():
+                phase = nn.Conv2d(op.in_channels, op.out_channels, op.kernel_size, op.stride, op.padding, bias=False)
+                with torch.no_grad():
+                    phase.weight.copy_(op.weight * _taps_from_phase(op, a, b))
+                terms.append(self.conv(f"{node.name}.phase{a}{b}", phase, relay, geo_in, geo_out, False, False))
+        else:
+            terms.append(self.conv(f"{node.name}.in0", op, self.sources[source_map][0], geo_in, geo_out, False, False))
+        bias = _weight_bias(op, geo_out.channels)[1]
+        if bool(bias.ne(0).any()):
+            terms.append(self.bias_on_grid(node.name, bias, geo_out))
+        self.sources[node.name] = terms
+
+    def bias_on_grid(self, name: str, bias: Tensor, geo: Geometry) -> str:
+        """`bias` on the real pixels of `geo` and 0 elsewhere: a painted plane of ones, spread by a 1×1 conv."""
+        plane = self.paint(f"grid{geo.dilation}.real", geo.real().astype(np.float32))
+        spread = self.nir.Conv2d(
+            input_shape=(self.grid, self.grid),
+            weight=_np(bias).reshape(-1, 1, 1, 1),
+            stride=1,
+            padding=0,
+            dilation=1,
+            groups=1,
+            bias=np.zeros(geo.channels, dtype=np.float32),
+        )
+        self.connect(plane, self.add(f"{name}.bias", spread, self.out_shape[plane], geo.shape))
+        return f"{name}.bias"
+
+    def relays(self, layer: str, stride: int) -> dict[tuple[int, int], str]:
+        """`layer`'s spikes split into stride² maps by phase against the grid `stride` times coarser: the
+        relay of phase (a, b) holds the spikes at rows ≡ a and columns ≡ b (in pixels, mod stride). A relay
+        is a neuron layer of the target's pattern with threshold 1/2 and reset 1 fed by the spikes, so it
+        fires exactly when its pixel does, in the same step, and its other pixels are ghosts."""
+        key = (layer, stride)
+        if key in self.relay_nodes:
+            return self.relay_nodes[key]
+        geo, source = self.geometry[layer], self.spike_nodes[layer]
+        relays = {}
+        for a in range(stride):
+            for b in range(stride):
+                mask = np.zeros(geo.shape[1:], dtype=bool)
+                d, end, step = geo.dilation, geo.dilation * geo.size, geo.dilation * stride
+                mask[d * a : end : step, d * b : end : step] = True
+                threshold = np.full(geo.shape, GHOST_THRESHOLD, dtype=np.float32)
+                threshold[:, mask] = RELAY_THRESHOLD
+                pattern = np.where(mask, 0.0, -GHOST_INHIBITION)
+                plane = partial(self.paint, f"phase{d}x{stride}_{a}{b}.ghosts", pattern)
+                built = self.emit_pattern(f"{layer}.relay{a}{b}", geo, threshold, 1.0, 0.0, plane)
+                self.connect(source, built.inlet)
+                relays[(a, b)] = built.spikes
+        self.relay_nodes[key] = relays
+        return relays
+
+    def emit_sum(self, node) -> None:
+        """A fused sum as one node (a 1×1 identity conv reading every term): what the Trans map and the head read."""
+        geo = self.geometry[node.name]
+        name = self.add(node.name, _diagonal(self.nir, geo.shape, 1.0), geo.shape, geo.shape)
+        for term in node.inputs:
+            for source in self.sources[term]:
+                self.connect(source, name)
+        self.sources[node.name] = [name]
 
     def emit_switch(self) -> None:
         """The importer switch, once per file after the input: a (1,1,1) constant 1, `on` = LIF(tau 1e-3,
@@ -641,18 +745,18 @@ class _Builder:
                 if self.recipe.switch:
                     self.emit_switch()
             elif node.kind in ("conv", "linear"):
-                if any(self.net.graph.node(s).kind != "neuron" for s in node.delayed):
-                    raise MpisError(
-                        "toolchain export needs fusion before the last FEB layer (the Trans map must read spikes, "
-                        f"not the fused sum): {self.net.arch} fuses after the last"
-                    )
-                self.emit_linear(node)
+                if any(self.net.graph.node(s).kind not in ("neuron", "sum") for s in node.delayed):
+                    raise MpisError(f"toolchain export: the Trans map {node.name} reads neither spikes nor a fused sum")
+                if any(r.kind == "sum" and node.name in r.inputs for r in self.net.graph.nodes):
+                    self.emit_fusion(node)
+                else:
+                    self.emit_linear(node)
                 for source in node.delayed:
                     waiting.setdefault(source, []).append(node)
             elif node.kind == "neuron":
                 self.emit_neuron(node)
             elif node.kind == "sum":
-                self.sources[node.name] = [n for i in node.inputs for n in self.sources[i]]
+                self.emit_sum(node)
             else:
                 self.emit_head(node)
             for reader in waiting.pop(node.name, []):
@@ -770,6 +874,15 @@ def build_toolchain_nir(
     spike_nodes = {layer: names[node] for layer, node in builder.spike_nodes.items()}
     geometries = {layer: builder.geometry[layer] for layer in builder.spike_nodes}
     return ToolchainExport(graph, target, spike_nodes, geometries, sequencing, params, source, folded, fewest)
+
+
+def _taps_from_phase(op: nn.Conv2d, a: int, b: int) -> Tensor:
+    """1 at the kernel taps of a strided conv that, from an output pixel, read input pixels at row phase a and
+    column phase b (mod the stride), else 0: output i reads input stride·i + k − padding."""
+    stride, padding = op.stride[0], op.padding[0]
+    rows = (torch.arange(op.kernel_size[0]) - padding) % stride == a
+    cols = (torch.arange(op.kernel_size[1]) - padding) % stride == b
+    return (rows[:, None] & cols[None, :]).to(op.weight.dtype)
 
 
 def _chain(module: nn.Module) -> list[nn.Module]:
