@@ -94,7 +94,7 @@ def test_export_refuses_an_untrained_net_and_says_retrain_with_the_jacobian_pena
     path = tmp_path / "m.nir"
     assert main(["export", str(checkpoint), "--nir", str(path)]) == 2
     line = one_error_line(capsys)
-    assert "retrain with the Jacobian penalty" in line and not path.exists()
+    assert "retrain with a larger Jacobian penalty (this run: --jac-reg 1)" in line and not path.exists()
 
 
 def test_export_refuses_a_spiking_network_that_disagrees_with_the_settled_rate_graph(tmp_path, capsys):
