@@ -241,7 +241,8 @@ class CheckReport:
 def toolchain_lines(rows: list[ToolchainRow]) -> list[str]:
     """The toolchains' table: their own importers on their files, against mpis and ONNX."""
     out = [
-        "toolchains (their own NIR importers on one mpis export --target universal file, dyadic weights):",
+        "toolchains (their own NIR importers on one mpis export --target universal file, dyadic weights, "
+        "inputs on its 2^-8 grid):",
         f"  {'toolchain':<20} {'v_init':<8} {'T':>5} {'identical spike counts':>23} {'argmax = mpis':>14} "
         f"{'argmax = ONNX':>14} {'seconds':>8}   8-bit net vs float model: argmax, identical counts, mean |Δr|",
     ]
