@@ -46,28 +46,58 @@ def _exponent(op: nn.Module, bits: int) -> int | None:
     return bits - 1 - math.floor(math.log2(largest)) if largest > 0 else 0
 
 
-def _ops_to_a_neuron(net: MPISNet, node) -> int:
-    """How many ops share the grid budget from `node` on: a fusion op whose sum a Trans map reads is the first
-    of three (fusion, Trans, the first layer's conv), such a Trans the first of two; elsewhere an op takes
-    what is left (a Trans on spikes leaves the first layer's conv the rest)."""
-    if any(r.kind == "sum" and node.name in r.inputs for r in net.graph.nodes):
-        return 3
-    return 2 if any(net.graph.node(s).kind == "sum" for s in node.delayed) else 1
+def _budget_sharers(net: MPISNet, node) -> list[nn.Module]:
+    """The ops whose exponents add up on one map before the next neuron, from `node`'s op on, where that map
+    reads a fused sum: a fusion op whose sum a Trans map reads, that Trans op and the first layer's conv that
+    reads it; or such a Trans op and that conv. Elsewhere [`node`'s own ops]: an op takes what is left."""
+    own = _chain(net.ops[node.name])
+    sums = [r for r in net.graph.nodes if r.kind == "sum" and node.name in r.inputs]
+    if sums:
+        trans = next((t for t in net.graph.nodes if sums[0].name in t.delayed), None)
+        return own + (_budget_sharers(net, trans) if trans is not None else [])
+    if any(net.graph.node(s).kind == "sum" for s in node.delayed):
+        reader = next((r for r in net.graph.nodes if node.name in r.inputs and r.kind in ("conv", "linear")), None)
+        return own + (_chain(net.ops[reader.name]) if reader is not None else [])
+    return own
 
 
-def _state_fraction(net: MPISNet, name: str, bits: int, budget: int) -> int:
+def _shares(net: MPISNet) -> dict[str, tuple[int, int]]:
+    """Per op node that shares the float32 budget (see `_budget_sharers`): (Σ of the sharers' exponent
+    offsets, their count), measured on the weights before any rounding. An op's exponent is its significant
+    bits plus an offset (−1 − ⌊log2 max|w|⌋), so splitting the budget left after the offsets equally gives
+    every sharer the same significant bits: small weights do not starve the op after them."""
+    shares = {}
+    for node in net.graph.nodes:
+        if node.kind in ("conv", "linear"):
+            sharers = [op for op in _budget_sharers(net, node) if _exponent(op, 0) is not None]
+            if len(sharers) > 1:
+                shares[node.name] = (sum(_exponent(op, 0) for op in sharers), len(sharers))
+    return shares
+
+
+def _cap(op: nn.Module, bits: int, fraction: int, budget: int, share: tuple[int, int] | None) -> int:
+    """The exponent `op` gets: `bits` significant bits, at most what the budget left after `fraction` allows
+    (an equal share of significant bits with the ops that follow, where `share` says so)."""
+    e = min(_exponent(op, bits), budget - fraction)
+    if share is not None:
+        offsets, count = share
+        e = min(e, (budget - fraction - offsets) // count + _exponent(op, 0))
+    return e
+
+
+def _state_fraction(net: MPISNet, name: str, bits: int, budget: int, shares: dict) -> int:
     """Fractional bits of a map read through a back-edge: 0 for spikes; for a fused sum, the largest of its
     terms, each a chain of ops on spikes (the exponents `dyadic_copy` gives those ops)."""
     node = net.graph.node(name)
     if node.kind == "neuron":
         return 0
     if node.kind == "sum":
-        return max(_state_fraction(net, term, bits, budget) for term in node.inputs)
+        return max(_state_fraction(net, term, bits, budget, shares) for term in node.inputs)
     if node.kind in ("conv", "linear") and not node.delayed:
-        fraction = max(_state_fraction(net, source, bits, budget) for source in node.inputs)
+        fraction = max(_state_fraction(net, source, bits, budget, shares) for source in node.inputs)
         for op in _chain(net.ops[node.name]):
-            e = _exponent(op, bits)
-            fraction += 0 if e is None else min(e, (budget - fraction) // _ops_to_a_neuron(net, node))
+            if _exponent(op, bits) is not None:
+                fraction += _cap(op, bits, fraction, budget, shares.get(node.name))
         return fraction
     raise MpisError(f"{name}: a back-edge map read through {node.kind} {name} cannot be written exactly")
 
@@ -86,7 +116,10 @@ def dyadic_copy(net: MPISNet, bits: int) -> tuple[MPISNet, dict[str, Grid], int]
     # Maps of the previous step a Trans map reads: spikes (0 fractional bits), or a sum fused after the last
     # FEB layer, whose grid is that of the fusion ops that read spikes (computed as the loop below will).
     with torch.no_grad():
-        state = {n: _state_fraction(folded, n, bits, budget) for node in folded.graph.nodes for n in node.delayed}
+        shares = _shares(folded)
+        state = {
+            n: _state_fraction(folded, n, bits, budget, shares) for node in folded.graph.nodes for n in node.delayed
+        }
         for node in folded.graph.nodes:
             if node.kind == "input":
                 grids[node.name] = Grid(INPUT_BITS)
@@ -101,9 +134,7 @@ def dyadic_copy(net: MPISNet, bits: int) -> tuple[MPISNet, dict[str, Grid], int]
                     e = _exponent(op, bits)
                     if e is None:
                         continue
-                    e = min(
-                        e, (budget - fraction) // _ops_to_a_neuron(folded, node)
-                    )  # fewer where a chain would not fit
+                    e = _cap(op, bits, fraction, budget, shares.get(node.name))  # fewer where a chain would not fit
                     if e < _exponent(op, 2):
                         raise MpisError(
                             f"{node.name}: fewer than 2 significant bits are left for its weights on a 2^-{budget} "
