@@ -369,7 +369,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
     from mpis.export.nir_nodes import read_nir
-    from mpis.spike.simulate import compile_graph, evaluate
+    from mpis.spike.simulate import RUNS_AS, compile_graph, evaluate
     from mpis.train.data import load_dataset
 
     for flag, value in (("--T", args.T), ("--batch", args.batch), ("--limit", args.limit)):
@@ -389,7 +389,11 @@ def _simulate(args: argparse.Namespace) -> int:
         raise MpisError(f"{dataset} inputs are {shape}, but the graph's Input takes {expected}")
     test = split.test if args.limit is None else Subset(split.test, range(min(args.limit, len(split.test))))
     resets = ", ".join(sorted(set(program.resets.values())))
-    print(f"{args.nir}: {dataset} test set, T = {steps}, {program.device}" + f"; IF/LIF reset: {resets}" * bool(resets))
+    norse_dt = RUNS_AS.get(str(graph.metadata.get("target", "nirtorch")))
+    how = f"; IF/LIF reset: {resets}" * bool(resets)
+    if norse_dt is not None:  # the universal and Norse files
+        how = f"; its LIF nodes run as norse.torch.from_nir runs them (dt = {norse_dt:g})"
+    print(f"{args.nir}: {dataset} test set, T = {steps}, {program.device}{how}")
     evaluation = evaluate(program, test, steps, args.batch, split.classes, args.burn_in, progress=not args.quiet)
     for line in evaluation.lines():
         print(line)

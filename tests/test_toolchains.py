@@ -352,6 +352,8 @@ def test_the_default_nir_export_is_the_universal_file_and_mpis_simulate_evaluate
     out = capsys.readouterr().out
     assert re.search(r"accuracy 0\.\d+ on 16 inputs \(spiking, T = 5", out)
     assert "s1_l1" in out and ".tn" not in out  # rates per model layer, not per helper neuron
+    assert "run as norse.torch.from_nir runs them (dt = 0.001)" in out
+    assert "synaptic ops: not counted on a toolchain file" in out  # its helper convs are not the model's synapses
 
 
 @pytest.mark.parametrize("target", ["sinabs", "snntorch"])

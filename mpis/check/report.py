@@ -55,9 +55,10 @@ class Row:
     seconds: float
 
     @property
-    def synop_ratio(self) -> float:
+    def synop_ratio(self) -> float | None:
+        """None where synapses are not counted (a toolchain file given with --nir)."""
         dense = self.steps * self.dense_macs
-        return self.synaptic_ops / dense if dense else float("nan")
+        return self.synaptic_ops / dense if dense else None
 
     def as_dict(self) -> dict:
         return {
@@ -227,7 +228,10 @@ class CheckReport:
                 + "".join(f"{f'{r.spike_accuracy:.4f} / {r.rate_accuracy:.4f}':>{col}}" for r in rows)
             )
             out.append(
-                f"  {'synaptic ops / dense':<{width}} {'':<11}" + "".join(f"{r.synop_ratio:>{col}.2%}" for r in rows)
+                f"  {'synaptic ops / dense':<{width}} {'':<11}"
+                + "".join(
+                    f"{r.synop_ratio:>{col}.2%}" if r.synop_ratio is not None else f"{'n/a':>{col}}" for r in rows
+                )
             )
         if len(self.steps) > 1:
             for label, slopes in self.slopes().items():

@@ -47,7 +47,7 @@ from mpis.export.nir_nodes import read_nir
 from mpis.export.onnx import INPUT_NAME, LOGITS_NAME, export_onnx
 from mpis.export.reference import on_input_grid
 from mpis.export.toolchains import export_toolchain_nir
-from mpis.spike.graph_layout import Program, dense_macs, synaptic_ops
+from mpis.spike.graph_layout import Program, counts_model_synapses, dense_macs, synaptic_ops
 from mpis.spike.simulate import compile_graph, layer_counts
 from mpis.spike.toolchains import Toolchain, missing, parse_toolchains, run_toolchain
 from mpis.threads import torch_threads
@@ -248,7 +248,8 @@ def spike_runs(opts: CheckOptions, spiking, sessions, data: CheckData, steps, la
                     a["agree"] += int((spike_pred == rate_pred).sum())
                     a["spike"] += int((spike_pred == y).sum())
                     a["rate"] += int((rate_pred == y).sum())
-                    a["ops"] += float(synaptic_ops(s.program, result.spike_counts).sum())
+                    if counts_model_synapses(s.program):
+                        a["ops"] += float(synaptic_ops(s.program, result.spike_counts).sum())
                     counts = layer_counts(s.program.graph, result.spike_counts)
                     for layer in layer_names:
                         rate = counts[layer].double().cpu() / t
@@ -269,7 +270,7 @@ def spike_runs(opts: CheckOptions, spiking, sessions, data: CheckData, steps, la
         bar.close()
     rows, count = [], data.count
     for s in spiking:
-        macs = dense_macs(s.program)
+        macs = dense_macs(s.program) if counts_model_synapses(s.program) else 0  # 0: not counted
         for t in steps:
             a = acc[(s.v_init.label, t)]
             layers = {n: LayerError(a["shape"][n], a["abs"][n] / a["n"][n], a["max"][n], t) for n in layer_names}

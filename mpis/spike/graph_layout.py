@@ -333,6 +333,13 @@ def compile_program(
     return program
 
 
+def counts_model_synapses(program: Program) -> bool:
+    """Whether the graph's weight nodes are the model's synapses: not in a toolchain file, whose ghost layout
+    (strided convs as dilated ones over every position) and helper nodes (painted planes, relays, resets as
+    convs) would inflate `synaptic_ops` and `dense_macs` many times."""
+    return not declared_spike_maps(program.graph)
+
+
 def declared_spike_maps(graph) -> tuple[str, ...]:
     """The nodes a toolchain file's metadata names as its neuron layers' spikes (`layers.*.spikes`; the
     ghost layout, mpis.export.toolchains), in layer order; () for other files."""
