@@ -346,7 +346,10 @@ def test_the_default_nir_export_is_the_universal_file_and_mpis_simulate_evaluate
     path = tmp_path / "model.nir"
     assert main(["export", str(checkpoint), "--nir", str(path), "--allow-unsettled"]) == 0
     assert "(--target universal: one file for Norse, snnTorch and Sinabs" in capsys.readouterr().out
-    assert nir.read(path, type_check=False).metadata["target"] == "universal"
+    metadata = nir.read(path, type_check=False).metadata
+    assert (
+        metadata["target"] == "universal" and "norse.torch.from_nir(graph) at its default dt" in metadata["read_with"]
+    )
     assert (tmp_path / "model.reference.h5").is_file()  # its reference recordings, beside it
     assert main(["simulate", str(path), "--limit", "16", "--quiet"]) == 0
     out = capsys.readouterr().out

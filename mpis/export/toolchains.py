@@ -45,6 +45,13 @@ GHOST_THRESHOLD = 1e30  # out of reach: a ghost neuron's membrane grows by at mo
 NORSE_DT = 0.001  # norse.torch.from_nir's default dt: LIF(tau = dt) is then memoryless
 SNNTORCH_DT = 1e-4  # snntorch.import_nir's fixed dt
 SNNTORCH_TAU_SYN = 1e20  # snnTorch: alpha = 1 − dt/tau_syn = 1.0 in float: the synaptic current integrates
+# What a universal file assumes of its readers, written into its metadata for a user who only has the file.
+UNIVERSAL_READING = (
+    "nir.read(path, type_check=False); then norse.torch.from_nir(graph) at its default dt = 1e-3 (another dt "
+    "gives wrong spikes), snntorch.import_nir.import_from_nir(graph), or sinabs.from_nir(graph, batch_size=B). "
+    "It relies on Norse and Sinabs ignoring an LIF's r and on snnTorch dividing its threshold by r*dt/tau "
+    "(mpis docs/one-nir-file.md); the reference recordings beside it check an import"
+)
 RELAY_THRESHOLD = 0.5  # a relay's membrane is a whole number of spikes: it fires on 1, not on 0
 SWITCH_INHIBITION = 2.0**20  # silences the threshold branch of the importers that do not run it
 Shape = tuple[int, ...]
@@ -858,6 +865,7 @@ def build_toolchain_nir(
         "weight_bits": weight_bits or 0,  # 0: float weights
         "fewest_weight_bits": fewest,
         "v_init": float(v_init if v_init is not None else net.v_init),
+        **({"read_with": UNIVERSAL_READING} if target == "universal" else {}),
         "layers": {  # where each neuron layer's spikes are, for a reader that wants the model's layout
             layer: {
                 "spikes": names[node],
