@@ -110,11 +110,14 @@ def test_importer_plays_event_frames_as_mpis_does(target, tmp_path):
 
 # ---- one file for every importer ----------------------------------------------------------------
 @pytest.mark.parametrize("v_init", [0.0, 0.5])
-def test_one_universal_file_runs_in_every_importer_with_mpis_spikes(checkpoint, tmp_path, v_init):
+def test_the_default_nir_file_runs_in_every_importer_with_mpis_spikes(checkpoint, tmp_path, v_init):
+    """`mpis export --nir` with no --target, of a trained digits net: the file every importer reads."""
     net = load_checkpoint(checkpoint).net
     x = load_dataset("digits").test.tensors[0][:32]
-    path = tmp_path / "universal.nir"
-    export = export_toolchain_nir(net, path, "universal", v_init)
+    path = tmp_path / "model.nir"
+    assert main(["export", str(checkpoint), "--nir", str(path), "--v-init", str(v_init), "--allow-unsettled"]) == 0
+    assert nir.read(path, type_check=False).metadata["target"] == "universal"
+    export = build_toolchain_nir(net, "universal", v_init)  # the net the file was written from: the reference
     record = mpis_spikes(export, x, 20, v_init)
     assert sum(float(c.sum()) for c in record.spike_counts.values()) > 0
     for target in TARGETS:
