@@ -13,6 +13,9 @@ ways, each exact for mpis's spikes:
 - **A schedule every importer walks alike.** Nodes are named by execution index (nirtorch 2.6 and mpis
   run them in name order); for depth-first importers each node's first edge leads to the next node of
   the schedule, through an all-zero "sequencing" conv where the network has no edge of its own.
+- **Fused sums read as spikes are.** Where a net fuses after the last FEB layer (the CIFAR nets), a Trans
+  map up-samples a sum, not spikes; the sum is kept exactly 0 off its grid: fusion biases are painted on
+  the grid, and a strided fusion reads its layer's spikes split by phase (`relays`).
 - **No first-step deficit.** A back-edge reads nothing at t = 0, where the model has the Trans map's
   response to the zero state (its bias). The bias is moved out of the back-edge into a forward constant,
   so thresholds stay the model's own.
@@ -330,7 +333,6 @@ class _Builder:
     geometry: dict[str, Geometry] = field(default_factory=dict)
     sources: dict[str, list[str]] = field(default_factory=dict)  # model map -> NIR nodes summing to it
     inlets: dict[str, str] = field(default_factory=dict)  # model neuron layer -> its integrator
-    mask_nodes: dict[int, str] = field(default_factory=dict)  # dilation -> its ghost map (see ghost_map)
     planes: dict[str, str] = field(default_factory=dict)  # painted constant planes by name (see `paint`)
     relay_nodes: dict[tuple[str, int], dict[tuple[int, int], str]] = field(default_factory=dict)
     spike_nodes: dict[str, str] = field(default_factory=dict)
@@ -567,10 +569,8 @@ class _Builder:
         (an all-zero conv with bias 1 from the node emitted before) through one grid×grid conv with padding
         grid − 1, which paints its kernel, flipped, onto the plane — a constant pattern made of nodes that
         every importer maps, with no per-pixel parameter."""
-        if dilation not in self.mask_nodes:
-            real = Geometry(1, -(-self.grid // dilation), dilation, self.grid).real()
-            self.mask_nodes[dilation] = self.paint(f"mask{dilation}.ghosts", np.where(real, 0.0, -GHOST_INHIBITION))
-        return self.mask_nodes[dilation]
+        real = Geometry(1, -(-self.grid // dilation), dilation, self.grid).real()
+        return self.paint(f"mask{dilation}.ghosts", np.where(real, 0.0, -GHOST_INHIBITION))
 
     def paint(self, name: str, pattern: np.ndarray) -> str:
         """A constant (1, grid, grid) plane holding `pattern`: a 1×1 constant (an all-zero conv with bias 1
