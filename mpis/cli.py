@@ -303,7 +303,7 @@ def _export_toolchain_nir(ckpt, args: argparse.Namespace, path: Path, staged, in
     v_init = _spiking_v_init(ckpt, args)
     print(f"exporting the spiking graph for {args.target}'s importer to {args.nir} ...", flush=True)
     result = export_toolchain_nir(
-        ckpt.net, path, args.target, v_init, ckpt.solver_cfg.T, args.weight_bits, args.overwrite
+        ckpt.net, path, args.target, v_init, ckpt.solver_cfg.T, args.weight_bits, args.overwrite, ckpt.train_cfg.dataset
     )
     reference = reference_path_for(args.nir)
     x = on_input_grid(inputs[:REFERENCE_INPUTS])

@@ -96,7 +96,9 @@ def _run_demo(
     parity = export_onnx(ckpt.net, onnx_path, solver_cfg.T, True, sample, overwrite, horizon=solver_cfg.T, say=say)
     v0 = default_nir_v_init(ckpt.net)  # what mpis export --nir writes: Vth/2 for IF neurons
     if universal_refusal(ckpt.net, v0) is None:  # the file mpis export --nir writes by default
-        nir = export_toolchain_nir(ckpt.net, nir_path, "universal", v0, solver_cfg.T, overwrite=overwrite)
+        nir = export_toolchain_nir(
+            ckpt.net, nir_path, "universal", v0, solver_cfg.T, overwrite=overwrite, dataset="digits"
+        )
     else:
         nir = export_nir(ckpt.net, nir_path, "exact", v0, solver_cfg.T, "digits", overwrite, DEFAULT_MAX_PARAM_GROWTH)
     outputs = [(LOGITS_NAME, (ckpt.net.arch.classes,)), *((f"rate_{n.name}", n.shape) for n in ckpt.net.neurons)]

@@ -353,6 +353,7 @@ def test_the_default_nir_export_is_the_universal_file_and_mpis_simulate_evaluate
     assert (
         metadata["target"] == "universal" and "norse.torch.from_nir(graph) at its default dt" in metadata["read_with"]
     )
+    assert metadata["dataset"] == "digits"  # what mpis simulate runs it on by default
     assert (tmp_path / "model.reference.h5").is_file()  # its reference recordings, beside it
     assert main(["simulate", str(path), "--limit", "16", "--quiet"]) == 0
     out = capsys.readouterr().out

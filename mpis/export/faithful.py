@@ -88,6 +88,12 @@ def check_faithful(
             default = default_nir_v_init(ckpt.net)
             if spiking_v_init != default and default is not None:
                 remedy = f"export from the default initial potential (no --v-init: {default:g})"
+            elif x.dim() == 5 and rate.settled:  # event frames
+                remedy = (
+                    "with event frames the spiking network integrates the frames in their order while the rate "
+                    "graph is the equilibrium of their mean, and an IF neuron cannot take back spikes fired on a "
+                    "burst (README: 'What the default does not fix yet'); training longer narrows it"
+                )
             elif weight > 0 and rate.settled:  # a contractive loop: what is left is rounding at near-ties
                 remedy = (
                     f"the loop is penalised (--jac-reg {weight:g}) and settled, so the spikes round differently "

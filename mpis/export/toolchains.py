@@ -833,9 +833,11 @@ def build_toolchain_nir(
     v_init: float | None = None,
     steps: int | None = None,
     weight_bits: int | None = DEFAULT_WEIGHT_BITS,
+    dataset: str | None = None,
 ) -> ToolchainExport:
     """The NIR graph of `net` (BN folded, weights dyadic with `weight_bits` significant bits: see
-    `fixed_point`; None keeps them float) written for `target`'s importer."""
+    `fixed_point`; None keeps them float) written for `target`'s importer; `dataset` (the training set's
+    name) goes into the metadata, for `mpis simulate` to default to."""
     import nir
 
     if target not in NEURON_RECIPES:
@@ -860,6 +862,7 @@ def build_toolchain_nir(
         "target": target,
         "vth": net.neuron.vth,
         "T": int(steps or 0),
+        **({"dataset": dataset} if dataset else {}),
         "input_shape": list(net.input_shape),
         "classes": net.arch.classes,
         "weight_bits": weight_bits or 0,  # 0: float weights
@@ -960,12 +963,13 @@ def export_toolchain_nir(
     steps: int | None = None,
     weight_bits: int = DEFAULT_WEIGHT_BITS,
     overwrite: bool = False,
+    dataset: str | None = None,
 ) -> ToolchainExport:
     """Build for `target`, write atomically and read back with the reader's type checking."""
     from mpis.export.nir_nodes import writable_nir_path, write_nir
 
     path = writable_nir_path(path, overwrite)
-    result = build_toolchain_nir(net, target, v_init, steps, weight_bits)
+    result = build_toolchain_nir(net, target, v_init, steps, weight_bits, dataset)
     finish = _without_v_reset if NEURON_RECIPES[target].nir_104 else None
     write_nir(path, result.graph, NEURON_RECIPES[target].type_checked, finish)
     return result
