@@ -361,6 +361,8 @@ def test_the_default_nir_export_is_the_universal_file_and_mpis_simulate_evaluate
     assert "s1_l1" in out and ".tn" not in out  # rates per model layer, not per helper neuron
     assert "run as norse.torch.from_nir runs them (dt = 0.001)" in out
     assert "synaptic ops: not counted on a toolchain file" in out  # its helper convs are not the model's synapses
+    assert main(["simulate", str(path), "--limit", "4", "--quiet", "--layout", "native"]) == 2
+    assert "--layout native reads the standard file" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize("target", ["sinabs", "snntorch"])

@@ -49,6 +49,11 @@ def compile_graph(
         )
     if layout not in LAYOUTS:
         raise MpisError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "native" and target != "nirtorch":
+        raise MpisError(
+            f"--layout native reads the standard file (mpis export --nir OUT --target nirtorch); this {target} file "
+            "runs with --layout graph (the default)"
+        )
     if layout == "native" and getattr(graph, "metadata", {}).get("layout") == "ghost":
         raise MpisError(
             "this file is in the ghost layout (odd map sizes: its convs are the model's own); use --layout graph"
