@@ -112,3 +112,13 @@ def test_allow_unsettled_exports_with_a_warning(checkpoint, tmp_path, capsys):
     path = tmp_path / "m.onnx"
     assert main(["export", str(checkpoint), "--onnx", str(path), "--allow-unsettled"]) == 0
     assert path.is_file() and "warning: the rate graph has not settled" in capsys.readouterr().out
+
+
+def test_a_disagreeing_spiking_network_gets_the_remedy_of_its_likeliest_cause():
+    from mpis.export.faithful import spiking_remedy
+
+    assert "no --v-init: 0.5" in spiking_remedy(-3.0, 0.5, frames=False, settled=True, weight=1.0)
+    assert "integrates the frames in their order" in spiking_remedy(0.5, 0.5, frames=True, settled=True, weight=1.0)
+    assert "top two classes are close" in spiking_remedy(0.5, 0.5, frames=False, settled=True, weight=1.0)
+    assert "larger Jacobian penalty (this run: --jac-reg 1)" in spiking_remedy(0.5, 0.5, False, False, 1.0)
+    assert "mpis train --jac-reg 1, the default" in spiking_remedy(0.5, 0.5, False, True, 0.0)

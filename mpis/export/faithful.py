@@ -42,6 +42,29 @@ def _settling_iters(ckpt, x: Tensor, y: Tensor, iterations: int) -> int | None:
     return None
 
 
+def spiking_remedy(v_init: float | None, default: float | None, frames: bool, settled: bool, weight: float) -> str:
+    """What to do about a spiking network that disagrees with the rate graph, by the likeliest cause: a
+    non-default initial potential; event frames (played in order, against the mean frame's equilibrium);
+    near-ties of a settled, penalised loop; else a loop the penalty should make contractive."""
+    if v_init != default and default is not None:
+        return f"export from the default initial potential (no --v-init: {default:g})"
+    if frames and settled:
+        return (
+            "with event frames the spiking network integrates the frames in their order while the rate graph is "
+            "the equilibrium of their mean, and an IF neuron cannot take back spikes fired on a burst (README: "
+            "'What the default does not fix yet'); training longer narrows it"
+        )
+    if weight > 0 and settled:
+        return (
+            f"the loop is penalised (--jac-reg {weight:g}) and settled, so the spikes round differently where the "
+            "rate graph's top two classes are close: train longer for wider margins, or run the spiking network "
+            "longer (mpis check --T 30,100 shows how agreement grows with T)"
+        )
+    if weight > 0:
+        return f"retrain with a larger Jacobian penalty (this run: --jac-reg {weight:g})"
+    return "retrain with the Jacobian penalty (mpis train --jac-reg 1, the default)"
+
+
 def check_faithful(
     ckpt,
     x: Tensor,
@@ -86,22 +109,7 @@ def check_faithful(
         )
         if quick.agreement < MIN_SPIKE_AGREEMENT:
             default = default_nir_v_init(ckpt.net)
-            if spiking_v_init != default and default is not None:
-                remedy = f"export from the default initial potential (no --v-init: {default:g})"
-            elif x.dim() == 5 and rate.settled:  # event frames
-                remedy = (
-                    "with event frames the spiking network integrates the frames in their order while the rate "
-                    "graph is the equilibrium of their mean, and an IF neuron cannot take back spikes fired on a "
-                    "burst (README: 'What the default does not fix yet'); training longer narrows it"
-                )
-            elif weight > 0 and rate.settled:  # a contractive loop: what is left is rounding at near-ties
-                remedy = (
-                    f"the loop is penalised (--jac-reg {weight:g}) and settled, so the spikes round differently "
-                    "where the rate graph's top two classes are close: train longer for wider margins, or run "
-                    "the spiking network longer (mpis check --T 30,100 shows how agreement grows with T)"
-                )
-            else:
-                remedy = f"retrain {penalty}"
+            remedy = spiking_remedy(spiking_v_init, default, x.dim() == 5, rate.settled, weight)
             problems.append(
                 f"the spiking network agrees with the rate graph on only {quick.agreement:.0%} of {quick.count} "
                 f"inputs at T = {quick.steps} (below {MIN_SPIKE_AGREEMENT:.0%}); {remedy}"
