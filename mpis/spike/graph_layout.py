@@ -198,7 +198,7 @@ class Program:
                 f"{'x'.join(map(str, expected))} (expected (batch, *shape) or (batch, frames, *shape))"
             )
         x = x.to(self.device, self.dtype)
-        if self.native is not None and not frames:
+        if self.native is not None and (not frames or getattr(self.native, "plays_frames", False)):
             return self.native.run(x, steps, burn_in)
         n = len(self._slots)
         base, state, counts, prev = [None] * n, [None] * n, [None] * n, [None] * n

@@ -17,6 +17,7 @@ from mpis.export.nir import native_layer
 from mpis.export.nir_nodes import read_nir
 from mpis.export.toolchains import NORSE_DT
 from mpis.spike.graph_layout import Program, compile_program, counts_model_synapses, dense_macs, synaptic_ops
+from mpis.spike.lattice_layout import compile_lattice, is_ghost_file
 from mpis.spike.native_layout import compile_native
 
 LAYOUTS = ("graph", "native")
@@ -49,19 +50,11 @@ def compile_graph(
         )
     if layout not in LAYOUTS:
         raise MpisError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if layout == "native" and target != "nirtorch":
-        raise MpisError(
-            f"--layout native reads the standard file (mpis export --nir OUT --target nirtorch); this {target} file "
-            "runs with --layout graph (the default)"
-        )
-    if layout == "native" and getattr(graph, "metadata", {}).get("layout") == "ghost":
-        raise MpisError(
-            "this file is in the ghost layout (odd map sizes: its convs are the model's own); use --layout graph"
-        )
     program = compile_program(graph, device, reset, dtype, sum_order, RUNS_AS[target])
     if layout == "native":
+        compile_native_layout = compile_lattice if is_ghost_file(graph) else compile_native
         try:
-            program.native = compile_native(program)
+            program.native = compile_native_layout(program)
         except MpisError as err:
             raise MpisError(f"cannot run this graph in native layout ({err}); use --layout graph") from None
     return program
