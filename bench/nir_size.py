@@ -4,8 +4,9 @@ For the file `mpis export --nir` writes by default (the universal file, or the n
 universal one cannot hold the net) and for the nirtorch file (`--target nirtorch`: polyphase layout, or
 ghost where the maps are odd): parameters of its Conv2d/Affine nodes against the folded model's, spiking
 units (elements of its LIF / IF / Threshold / CubaLIF nodes, helper neurons included) against the model's
-neurons, the build time, and `mpis simulate`'s speed on it (graph layout, one thread, a few random inputs
-at T = 30; skipped above --max-simulated parameters).
+neurons, the build time, and `mpis simulate`'s speed on it in both layouts, side by side (every node as
+written, and `--layout native`; one thread, a few random inputs at T = 30; skipped above --max-simulated
+parameters).
 
     python bench/nir_size.py [--max-growth 64] [--max-simulated 40e6]
 """
@@ -24,7 +25,7 @@ from mpis.export.nir import build_nir
 from mpis.export.toolchains import build_toolchain_nir, universal_refusal
 from mpis.model.network import MPISNet
 from mpis.spike.graph_layout import compile_program
-from mpis.spike.simulate import RUNS_AS
+from mpis.spike.simulate import RUNS_AS, compile_graph
 
 INPUTS = {"Fashion-MNIST": (1, 28, 28), "N-MNIST": (2, 34, 34), "CIFAR-10": (3, 32, 32), "CIFAR-100": (3, 32, 32)}
 SPIKING = ("LIF", "IF", "Threshold", "CubaLIF")
@@ -52,9 +53,15 @@ def measure(build, shape, max_simulated: float) -> str:
     if result.nir_params > max_simulated:
         return line + ", not simulated"
     x = torch.rand(IMAGES, *shape, generator=torch.Generator().manual_seed(0)).mul(256).floor().div(256)
-    start = time.perf_counter()
-    program.run(x, STEPS)
-    return line + f", {IMAGES / (time.perf_counter() - start):.1f} images/s at T = {STEPS}"
+    speed = {}
+    for layout, compiled in (("graph", program), ("native", compile_graph(graph, layout="native"))):
+        start = time.perf_counter()
+        compiled.run(x, STEPS)
+        speed[layout] = IMAGES / (time.perf_counter() - start)
+    return line + (
+        f", images/s at T = {STEPS}: graph layout {speed['graph']:.1f}, native {speed['native']:.1f} "
+        f"({speed['native'] / speed['graph']:.1f}x)"
+    )
 
 
 def main() -> None:

@@ -100,3 +100,50 @@ def test_cli_simulate_native_layout_gives_the_same_accuracy(tmp_path, capsys):
         lines[layout] = [line for line in capsys.readouterr().out.splitlines() if "accuracy" in line or "  " in line]
     assert lines["graph"][0].split("(")[0] == lines["native"][0].split("(")[0]
     assert lines["graph"][1:] == lines["native"][1:]
+
+
+# ---- ghost-layout files (the universal default, --target norse, N-MNIST's nirtorch file) ---------------
+def ghost_file_input(arch: str) -> tuple[int, int, int]:
+    dataset = PAPER_EXAMPLES[arch][0]
+    return (2, 34, 34) if dataset == "N-MNIST" else (3, 16, 16) if dataset.startswith("CIFAR") else (1, 16, 16)
+
+
+@pytest.mark.parametrize("arch", list(PAPER_EXAMPLES))
+def test_the_universal_file_of_every_paper_topology_runs_natively_with_every_spike_of_the_graph_layout(arch):
+    """Channels ÷ 16; the CIFAR nets fuse after the last FEB layer (relays, painted biases, up-sampled sums)."""
+    from mpis.export.toolchains import build_toolchain_nir
+    from mpis.spike.lattice_layout import LatticeProgram
+
+    shape = ghost_file_input(arch)
+    graph = build_toolchain_nir(spiky_net(divided_arch(arch), shape), "universal", 0.5).graph
+    x = torch.round(torch.rand(3, *shape, generator=torch.Generator().manual_seed(5)) * 256) / 256
+    per_node, native, program = both_layouts(graph, x, steps=10)
+    assert isinstance(program.native, LatticeProgram)
+    assert differing(per_node, native) == 0
+    assert all(float(c.mean()) > 0.005 for c in native.spike_counts.values())  # every layer fires
+    assert torch.equal(per_node.scores, native.scores)
+    helpers = [n for n in graph.nodes if n.endswith((".tn", ".ts", ".gs", ".cap"))]
+    assert not set(helpers) & set(program.native.order)  # the importers' helper neurons are not run
+
+
+@pytest.mark.parametrize("target", ["universal", "norse", "nirtorch"])
+def test_the_n_mnist_net_plays_event_frames_natively_as_the_graph_layout_does(target):
+    """Maps 34, 17, 9 (three dilations, odd sizes); frames replace the input at every step."""
+    from mpis.export.toolchains import build_toolchain_nir
+
+    shape = (2, 34, 34)
+    graph = build_toolchain_nir(spiky_net(divided_arch("2F1*(32C3S1-32C3S2-64C3S1)-FC10"), shape), target, 0.0).graph
+    frames = (torch.rand(3, 5, *shape, generator=torch.Generator().manual_seed(6)) < 0.2).float()
+    per_node, native, _ = both_layouts(graph, frames, steps=10, burn_in=2)
+    assert differing(per_node, native) == 0
+    assert sum(float(c.sum()) for c in native.spike_counts.values()) > 0
+    assert torch.equal(per_node.scores, native.scores) and torch.equal(per_node.output, native.output)
+
+
+def test_a_ghost_file_whose_metadata_misplaces_a_layer_is_refused_not_simulated():
+    from mpis.export.toolchains import build_toolchain_nir
+
+    graph = build_toolchain_nir(spiky_net(DIGITS_ARCH, (1, 16, 16)), "universal", 0.5).graph
+    graph.metadata["layers"]["s2_l1"]["dilation"] = 2  # its pixels are at multiples of 4
+    with pytest.raises(MpisError, match=r"cannot run this graph in native layout \(.*\); use --layout graph"):
+        compile_graph(graph, layout="native")

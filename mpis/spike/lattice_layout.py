@@ -23,6 +23,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ class LatticeProgram:
     order: tuple[str, ...]  # linear nodes and layers run every step, in the file's schedule
     items: dict[str, _Linear | _Layer] = field(repr=False)
     output: tuple[Read, ...]
-    plays_frames: bool = True
+    plays_frames: ClassVar[bool] = True  # `Program.run` hands it frame inputs too
 
     @torch.inference_mode()
     def run(self, x: Tensor, steps: int, burn_in: int = 0) -> SimResult:
@@ -99,8 +100,8 @@ class LatticeProgram:
             for name in self.order:
                 item = self.items[name]
                 charge = _summed(item.reads, cur, prev)
-                if isinstance(item, _Linear):
-                    cur[name] = item.apply(charge)
+                if isinstance(item, _Linear):  # nothing to read yet (back-edges at t = 0): nothing to pass on
+                    cur[name] = None if charge is None else item.apply(charge)
                     continue
                 membrane = v.get(name)
                 if membrane is None:
@@ -396,7 +397,10 @@ def _check(program: Program, compiled: LatticeProgram) -> None:
         expected = program.run(x, CHECK_STEPS)
     finally:
         program.native = native
-    got = compiled.run(x, CHECK_STEPS)
+    try:
+        got = compiled.run(x, CHECK_STEPS)
+    except RuntimeError as err:  # shapes that do not fit: the file is not laid out as its metadata says
+        raise MpisError(f"the file's maps do not fit its declared layers ({str(err).splitlines()[0]})") from None
     exact = bool(program.graph.metadata.get("weight_bits", 0))
     for name, count in expected.spike_counts.items():
         same = float((got.spike_counts[name] == count).double().mean())
