@@ -11,7 +11,7 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from mpis.config import CONFIG_CLASSES, ModelConfig, SolverConfig, TrainConfig
+from mpis.config import CONFIG_CLASSES, EVENT_DATASETS, EVENT_PLAYBACK, ModelConfig, SolverConfig, TrainConfig
 from mpis.errors import MpisError
 from mpis.export import DEFAULT_MAX_PARAM_GROWTH, DEFAULT_WEIGHT_BITS, TOOLCHAIN_TARGETS
 from mpis.threads import torch_threads, usable_cores
@@ -148,7 +148,8 @@ def _export(args: argparse.Namespace) -> int:
         ckpt = load_checkpoint(args.checkpoint)
         iterations = ckpt.solver_cfg.T if args.iters is None else args.iters
         try:  # checked on real test images when the dataset is at hand, else on random inputs
-            test = load_dataset(ckpt.train_cfg.dataset, ckpt.train_cfg.data_dir, frames=ckpt.solver_cfg.T).test
+            cfg = ckpt.train_cfg
+            test = load_dataset(cfg.dataset, cfg.data_dir, frames=ckpt.solver_cfg.T, events=cfg.events).test
             count = min(args.batch, len(test))
             inputs = torch.stack([test[i][0] for i in range(count)])
             labels = torch.tensor([int(test[i][1]) for i in range(count)])
@@ -383,7 +384,7 @@ def _simulate(args: argparse.Namespace) -> int:
         raise MpisError(f"{args.nir} records no time steps T; pass --T")
     program = compile_graph(graph, args.device, args.reset, layout=args.layout)
     dataset = args.dataset or str(graph.metadata.get("dataset") or "digits")
-    split = load_dataset(dataset, args.data_dir, frames=steps)
+    split = load_dataset(dataset, args.data_dir, frames=steps, events=args.events)
     if tuple(split.input_shape) != program.input_shape:
         shape, expected = ("x".join(map(str, s)) for s in (split.input_shape, program.input_shape))
         raise MpisError(f"{dataset} inputs are {shape}, but the graph's Input takes {expected}")
@@ -393,7 +394,8 @@ def _simulate(args: argparse.Namespace) -> int:
     how = f"; IF/LIF reset: {resets}" * bool(resets)
     if norse_dt is not None:  # the universal and Norse files
         how = f"; its LIF nodes run as norse.torch.from_nir runs them (dt = {norse_dt:g})"
-    print(f"{args.nir}: {dataset} test set, T = {steps}, {program.device}{how}")
+    played = f" ({'mean frame' if args.events == 'mean' else 'frames in order'})" * (dataset in EVENT_DATASETS)
+    print(f"{args.nir}: {dataset} test set{played}, T = {steps}, {program.device}{how}")
     evaluation = evaluate(program, test, steps, args.batch, split.classes, args.burn_in, progress=not args.quiet)
     for line in evaluation.lines():
         print(line)
@@ -541,6 +543,13 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     simulate.add_argument("nir", help="a .nir file (mpis export --nir, or any graph of the supported nodes)")
     simulate.add_argument("--dataset", help="dataset whose test set is simulated (default: the file's, else digits)")
     simulate.add_argument("--data-dir", help="folder with the dataset's standard files (not needed for digits)")
+    simulate.add_argument(
+        "--events",
+        choices=EVENT_PLAYBACK,
+        default="mean",
+        help="event recordings (nmnist): their mean frame as a constant current (what mpis train's default trains "
+        "on), or their T frames in recording order",
+    )
     simulate.add_argument("--T", type=int, help="time steps (default: the T recorded in the file)")
     simulate.add_argument(
         "--burn-in", type=int, default=0, help="steps simulated before spikes are counted (default 0)"

@@ -178,10 +178,14 @@ def test_nmnist_loader_decodes_and_bins_events(tmp_path):
             folder.mkdir(parents=True)
             # events at t = 0, 49, 99 µs: two equal bins [0, 50) and [50, 100)
             (folder / "00001.bin").write_bytes(encode_events([(1, 2, 0, 0), (33, 0, 1, 49), (5, 5, 1, 99)]))
-    data = load_dataset("nmnist", tmp_path, frames=2)
+    data = load_dataset("nmnist", tmp_path, frames=2, events="frames")
     frames, label = data.train[0]
     assert label == 3 and frames.shape == (2, 2, 34, 34) and frames.sum() == 3
     assert frames[0, 0, 2, 1] == 1 and frames[0, 1, 0, 33] == 1 and frames[1, 1, 5, 5] == 1
+    mean, _ = load_dataset("nmnist", tmp_path, frames=2).train[0]  # the default: one static input
+    assert torch.equal(mean, frames.mean(0))  # events per step: what the rate graph sees of the frames
+    with pytest.raises(MpisError, match="unknown --events 'stream'"):
+        load_dataset("nmnist", tmp_path, events="stream")
 
 
 def test_nmnist_rejects_a_truncated_event_file(tmp_path):

@@ -160,3 +160,14 @@ def test_a_checkpoint_written_before_bn_eps_existed_loads_with_torchs_epsilon(ch
     torch.save(payload, old)
     net = load_checkpoint(old).net
     assert {op.bn.eps for op in net.ops.values() if hasattr(op, "bn")} == {1e-5}
+
+
+def test_a_checkpoint_written_before_events_existed_plays_frames_as_it_was_trained(checkpoint, tmp_path):
+    from mpis.train.checkpoint import load_checkpoint
+
+    payload = torch.load(checkpoint, weights_only=True)
+    assert payload["train"]["events"] == "mean"  # today's default
+    del payload["train"]["events"]
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    assert load_checkpoint(old).train_cfg.events == "frames"

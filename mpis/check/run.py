@@ -124,7 +124,9 @@ def validated(opts: CheckOptions) -> _Plan:
 def check_data(opts: CheckOptions, ckpt: Checkpoint, checkpoint: Path, steps: tuple[int, ...]) -> CheckData:
     dataset = opts.dataset or ckpt.train_cfg.dataset
     data_dir = opts.data_dir if opts.dataset else (opts.data_dir or ckpt.train_cfg.data_dir)
-    splits = {t: load_dataset(dataset, data_dir, frames=t) for t in (steps if dataset == "nmnist" else steps[:1])}
+    events = ckpt.train_cfg.events
+    per_t = steps if dataset == "nmnist" else steps[:1]
+    splits = {t: load_dataset(dataset, data_dir, frames=t, events=events) for t in per_t}
     first = splits[steps[0]]
     if tuple(first.input_shape) != tuple(ckpt.input_shape):
         shape, expected = ("x".join(map(str, s)) for s in (first.input_shape, ckpt.input_shape))

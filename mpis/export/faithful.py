@@ -51,8 +51,8 @@ def spiking_remedy(v_init: float | None, default: float | None, frames: bool, se
     if frames and settled:
         return (
             "with event frames the spiking network integrates the frames in their order while the rate graph is "
-            "the equilibrium of their mean, and an IF neuron cannot take back spikes fired on a burst (README: "
-            "'What the default does not fix yet'); training longer narrows it"
+            "the equilibrium of their mean, and an IF neuron cannot take back spikes fired on a burst: retrain with "
+            "--events mean (the default), which drives the spiking network with the mean frame the rate graph sees"
         )
     if weight > 0 and settled:
         return (

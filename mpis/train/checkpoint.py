@@ -133,7 +133,8 @@ class Checkpoint:
         model = {"bn_eps": LEGACY_BN_EPS, **payload["model"]}
         self.model_cfg: ModelConfig = config_from_dict(ModelConfig, model)
         self.solver_cfg: SolverConfig = config_from_dict(SolverConfig, payload["solver"])
-        self.train_cfg: TrainConfig = config_from_dict(TrainConfig, payload["train"])
+        train = {"events": "frames", **payload["train"]}  # checkpoints from before --events played frames
+        self.train_cfg: TrainConfig = config_from_dict(TrainConfig, train)
         self.input_shape = tuple(int(v) for v in payload["input_shape"])
         self.metrics: dict[str, Any] = payload.get("metrics", {})
         try:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from mpis.config import DATASETS
+from mpis.config import DATASETS, EVENT_PLAYBACK
 from mpis.errors import MpisError
 
 
@@ -40,7 +40,9 @@ class DataSplit:
     note: str | None = None  # one line for the user about what was read (e.g. a partial copy)
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, frames: int = 30) -> DataSplit:
+def load_dataset(name: str, data_dir: str | Path | None = None, frames: int = 30, events: str = "mean") -> DataSplit:
+    """`frames`: the T an event recording is binned into; `events`: `mean` gives its mean frame (events per
+    step, one static input), `frames` the T frames (frames, C, H, W), played in order by the spiking network."""
     if name not in DATASETS:
         raise MpisError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "digits":
@@ -54,7 +56,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, frames: int = 30
         return _idx_dataset(root, name)
     if name in ("cifar10", "cifar100"):
         return _cifar(root, name)
-    return _nmnist(root, frames)
+    if events not in EVENT_PLAYBACK:
+        raise MpisError(f"unknown --events {events!r}; choose one of {', '.join(EVENT_PLAYBACK)}")
+    return _nmnist(root, frames, events == "mean")
 
 
 def _digits() -> DataSplit:
@@ -284,21 +288,25 @@ def bin_events(events: np.ndarray, frames: int) -> Tensor:
 
 
 class NMNIST(Dataset):
-    """Reads and bins one sample per access (the whole set binned at T=30 would need >4 GB)."""
+    """Reads and bins one sample per access (the whole set binned at T=30 would need >4 GB); `mean`: the
+    frames' mean (event counts / frames), the static input the rate graph sees."""
 
-    def __init__(self, files: list[tuple[Path, int]], frames: int):
+    def __init__(self, files: list[tuple[Path, int]], frames: int, mean: bool = False):
         self.files = files
         self.frames = frames
+        self.mean = mean
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.files[index]
+        if self.mean:
+            return bin_events(read_nmnist_events(path), 1)[0] / self.frames, label
         return bin_events(read_nmnist_events(path), self.frames), label
 
 
-def _nmnist(root: Path, frames: int) -> DataSplit:
+def _nmnist(root: Path, frames: int, mean: bool) -> DataSplit:
     base = root / "N-MNIST" if (root / "N-MNIST").is_dir() else root
     splits = []
     for split in ("Train", "Test"):
@@ -308,5 +316,5 @@ def _nmnist(root: Path, frames: int) -> DataSplit:
         files = [(p, int(p.parent.name)) for p in sorted(folder.glob("[0-9]/*.bin"))]
         if not files:
             raise MpisError(f"missing files: no {split}/<digit>/*.bin event files under {base}")
-        splits.append(NMNIST(files, frames))
+        splits.append(NMNIST(files, frames, mean))
     return DataSplit(splits[0], splits[1], (2, NMNIST_SIZE, NMNIST_SIZE), 10)

@@ -279,7 +279,7 @@ def _train(
     device: torch.device,
     ddp: Distributed,
 ) -> dict[str, Any]:
-    data = load_dataset(train_cfg.dataset, train_cfg.data_dir, frames=solver_cfg.T)
+    data = load_dataset(train_cfg.dataset, train_cfg.data_dir, frames=solver_cfg.T, events=train_cfg.events)
     seed_everything(train_cfg.seed)
     model = build_model(model_cfg, solver_cfg, train_cfg, data.input_shape).to(device)
     if model.net.arch.classes != data.classes:
