@@ -62,11 +62,13 @@ def test_mnist_and_fashion_mnist_are_refused_under_each_others_name(files, asked
 
 
 def test_the_nmnist_subset_loads_as_event_frames():
-    data = load_dataset("nmnist", folder("n-mnist-subset"), frames=10)
+    data = load_dataset("nmnist", folder("n-mnist-subset"), frames=10, events="frames")
     assert (len(data.train), len(data.test), data.input_shape, data.classes) == (1000, 100, (2, 34, 34), 10)
     frames, label = data.test[0]
     assert frames.shape == (10, 2, 34, 34) and float(frames.sum()) > 100  # a saccade's events, two polarities
     assert 0 <= int(label) <= 9
+    mean, _ = load_dataset("nmnist", folder("n-mnist-subset"), frames=10).test[0]  # the default, --events mean
+    torch.testing.assert_close(mean, frames.mean(0))
 
 
 def test_the_cifar10_subset_trains_on_its_one_batch_and_says_so():
