@@ -147,3 +147,12 @@ def test_a_ghost_file_whose_metadata_misplaces_a_layer_is_refused_not_simulated(
     graph.metadata["layers"]["s2_l1"]["dilation"] = 2  # its pixels are at multiples of 4
     with pytest.raises(MpisError, match=r"cannot run this graph in native layout \(.*\); use --layout graph"):
         compile_graph(graph, layout="native")
+
+
+def test_a_ghost_file_whose_metadata_names_a_missing_node_is_one_line_not_a_traceback():
+    from mpis.export.toolchains import build_toolchain_nir
+
+    graph = build_toolchain_nir(spiky_net(DIGITS_ARCH, (1, 16, 16)), "universal", 0.5).graph
+    del graph.metadata["vth"]
+    with pytest.raises(MpisError, match=r"native layout \(the file's metadata does not describe its graph"):
+        compile_graph(graph, layout="native")

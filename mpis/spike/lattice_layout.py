@@ -219,6 +219,13 @@ def is_ghost_file(graph) -> bool:
 def compile_lattice(program: Program) -> LatticeProgram:
     """Compile `program`'s ghost-layout graph at the model's resolution and check it against the graph layout
     (MpisError where the file is not one mpis writes, or the two disagree)."""
+    try:
+        return _compile(program)
+    except (KeyError, IndexError, TypeError, ValueError) as err:  # metadata naming what the graph lacks
+        raise MpisError(f"the file's metadata does not describe its graph ({type(err).__name__}: {err})") from None
+
+
+def _compile(program: Program) -> LatticeProgram:
     graph = program.graph
     meta = graph.metadata
     like = torch.empty(0, device=program.device, dtype=program.dtype)
@@ -375,6 +382,8 @@ def _threshold(graph, by_bare: dict, layer: str, ghost_shape, dilation: int, siz
     """The layer's threshold on its own pixels: the universal file's Norse/Sinabs threshold (`.tn`), else the
     spiking node's (`.spikes`: Norse's LIF, or the standard Threshold)."""
     name = by_bare.get(f"{layer}.tn") or by_bare.get(f"{layer}.spikes")
+    if name is None:
+        raise MpisError(f"layer {layer!r} has no threshold node ({layer}.tn or {layer}.spikes)")
     node = graph.nodes[name]
     kind = type(node).__name__
     if kind == "LIF":

@@ -1,6 +1,7 @@
 """Simulating an exported spiking graph: `compile_graph` picks the layout (`graph_layout`: every node as
-written, the same spikes in every process; `native_layout`: an mpis `exact` export per layer, the model's
-FLOPs), `layer_counts` reads the spikes back per model layer, `evaluate` runs a dataset.
+written, the same spikes in every process; native: the model's FLOPs, per layer — `native_layout` for an mpis
+polyphase `exact` export, `lattice_layout` for a ghost-layout file such as the default universal one),
+`layer_counts` reads the spikes back per model layer, `evaluate` runs a dataset.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def compile_graph(
     """Compile a NIR graph (or a .nir file) for `device` and `dtype`; `reset` overrides every IF/LIF node's
     reset mode (`subtract` or `zero`, default: each node's metadata, else the NIR spec's reset to v_reset).
     `layout`: `graph` runs every node as written (the same spikes in every process; with `sum_order=
-    "nirtorch"`, nirtorch's bit for bit in this process); `native` runs an mpis `exact` export per layer in
-    native layout (`native_layout`: the model's FLOPs, static inputs)."""
+    "nirtorch"`, nirtorch's bit for bit in this process); `native` runs an mpis export per layer at the
+    model's resolution (`lattice_layout` for ghost-layout files, `native_layout` for polyphase ones)."""
     if isinstance(graph, str | Path):
         graph = read_nir(graph)
     target = getattr(graph, "metadata", {}).get("target", "nirtorch")
