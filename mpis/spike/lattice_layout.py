@@ -32,7 +32,7 @@ from torch import Tensor
 
 from mpis.errors import MpisError
 from mpis.spike.graph_layout import Program, SimResult, declared_spike_maps
-from mpis.spike.nodes import STATELESS, _diagonal_scale, tensor_of
+from mpis.spike.nodes import STATELESS, diagonal_scale, tensor_of
 
 CHECK_STEPS = 6  # steps of the compile-time comparison with the graph layout
 CHECK_INPUTS = 2
@@ -183,7 +183,7 @@ def _conv_at(node, like: Tensor, out_lattice: int) -> tuple[int, Callable[[Tenso
     (stride, _), (padding, _), (dilation, _) = _pair(node.stride), _pair(node.padding), _pair(node.dilation)
     kernel = weight.shape[-1]
     reads = math.gcd(stride * out_lattice, dilation if kernel > 1 else 0, padding)
-    scale = _diagonal_scale(weight, ((1, 1), (0, 0), (1, 1), 1)) if stride == 1 and not padding else None
+    scale = diagonal_scale(weight, ((1, 1), (0, 0), (1, 1), 1)) if stride == 1 and not padding else None
     if scale is not None:
         shift = bias.view(1, -1, 1, 1)
         return reads, lambda x: x * scale + shift

@@ -156,14 +156,14 @@ def _conv2d(node, like) -> Callable[[Tensor], Tensor]:
     if bias.dim() == 0:
         bias = bias.expand(weight.shape[0]).contiguous()
     geometry = _conv_geometry(node)
-    scale = _diagonal_scale(weight, geometry)
+    scale = diagonal_scale(weight, geometry)
     if scale is not None:  # a per-channel scale written as a dense 1×1 conv: the same values, C times fewer MACs
         shift = bias.view(1, -1, 1, 1)
         return lambda x: x * scale + shift
     return lambda x: F.conv2d(x, weight, bias, *geometry)
 
 
-def _diagonal_scale(weight: Tensor, geometry: tuple) -> Tensor | None:
+def diagonal_scale(weight: Tensor, geometry: tuple) -> Tensor | None:
     """The per-channel factors (1, C, 1, 1) of a 1×1 conv whose weight is diagonal (the importers cannot
     read depthwise convs, so toolchain files write identities and resets this way), else None."""
     stride, padding, _, groups = geometry
