@@ -4,7 +4,8 @@ Each option trains the same net with the same seed through `mpis train` (a fresh
 its checkpoint is scored as it ships: the ONNX rate graph (K = T iterations from zero) and the spiking
 network from the exported v_init (Vth/2) at T = 30 and 100, on the first --deployed test inputs. Printed per
 option: test accuracy as training reports it, s/step, the last epoch's training residual, ‖J‖²/dim at the
-fixed point (Hutchinson, one batch), mean |r_K − r_K−1| of the rate graph, ONNX and spike accuracy, and the
+fixed point (Hutchinson, one batch) and the gain along its dominant direction (power method, batch
+mean), mean |r_K − r_K−1| of the rate graph, ONNX and spike accuracy, and the
 spike/ONNX argmax agreement at T = 30 and 100.
 
     python bench/contraction.py                                  # digits, 15 epochs
@@ -26,10 +27,12 @@ from pathlib import Path
 
 OPTIONS = {  # name -> mpis train flags
     "none": ["--jac-reg", "0"],
-    "jac 0.5, warm-up 1": ["--jac-reg", "0.5", "--jac-reg-warmup", "1"],
-    "jac 1, warm-up 1": ["--jac-reg", "1", "--jac-reg-warmup", "1"],
-    "jac 2, no warm-up": ["--jac-reg", "2", "--jac-reg-warmup", "0"],
-    "jac 1, warm-up 1, every 4": ["--jac-reg", "1", "--jac-reg-warmup", "1", "--jac-reg-every", "4"],
+    "jac 0.5, warm-up 1": ["--jac-reg", "0.5", "--jac-reg-warmup", "1", "--jac-radius", "0"],
+    "jac 1, warm-up 1": ["--jac-reg", "1", "--jac-reg-warmup", "1", "--jac-radius", "0"],
+    "jac 2, no warm-up": ["--jac-reg", "2", "--jac-reg-warmup", "0", "--jac-radius", "0"],
+    "jac 1, warm-up 1, every 4": ["--jac-reg", "1", "--jac-reg-warmup", "1", "--jac-reg-every", "4"]
+    + ["--jac-radius", "0"],
+    "jac 1, warm-up 1, radius 0.5": ["--jac-reg", "1", "--jac-reg-warmup", "1", "--jac-radius", "0.5"],
 }
 
 
@@ -55,10 +58,13 @@ def score(run: Path, deployed: int, batch: int) -> dict:
         s = score_deployed(ckpt.net, loader, ckpt.solver_cfg.T, steps, horizon=ckpt.solver_cfg.T)
         out |= {"onnx_acc": s.rate_acc, "settle": s.settle_mean, f"spike_acc_{steps}": s.spike_acc}
         out[f"agree_{steps}"] = s.agreement
-    probe = EquilibriumModel(copy.deepcopy(ckpt.net), replace(ckpt.solver_cfg, jac_reg=1.0)).train()
+    probe_cfg = replace(ckpt.solver_cfg, jac_reg=1.0, jac_radius=1e-6, jac_reg_every=1)  # radius > 0: gain measured
+    probe = EquilibriumModel(copy.deepcopy(ckpt.net), probe_cfg).train()
     x = torch.stack([test[i][0] for i in range(min(batch, len(test)))])
     torch.manual_seed(0)
-    out["jacobian"] = float(probe(x)[1].jacobian.detach())
+    info = probe(x)[1]
+    out["jacobian"] = float(info.jacobian.detach())
+    out["gain"] = float(info.gain.detach().mean())
     return out
 
 
@@ -101,13 +107,14 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     print()
     print(f"{args.dataset}, {args.epochs} epochs, batch {args.batch_size}; deployed scores on {args.deployed} inputs")
-    head = "option                 test    s/step  residual  ‖J‖²/dim  settle    ONNX    spike30  agree30  agree100"
+    head = "option                        test    s/step  residual  ‖J‖²/dim  gain   settle    ONNX    spike30  "
+    head += "agree30  agree100"
     print(head)
     for r in rows:
         print(
-            f"{r['option']:<22} {r['test_acc']:.4f}  {r['seconds_per_step']:6.3f}  {r['residual']:.3f}     "
-            f"{r['jacobian']:.3f}     {r['settle']:.1e}  {r['onnx_acc']:.4f}  {r['spike_acc_30']:.4f}   "
-            f"{r['agree_30']:.4f}   {r['agree_100']:.4f}"
+            f"{r['option']:<29} {r['test_acc']:.4f}  {r['seconds_per_step']:6.3f}  {r['residual']:.3f}     "
+            f"{r['jacobian']:.3f}     {r['gain']:.2f}   {r['settle']:.1e}  {r['onnx_acc']:.4f}  "
+            f"{r['spike_acc_30']:.4f}   {r['agree_30']:.4f}   {r['agree_100']:.4f}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

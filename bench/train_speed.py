@@ -67,8 +67,8 @@ def measure(args: argparse.Namespace) -> dict:
     def step() -> float:
         outputs, info = step_outputs(model, x)
         loss = spiking_loss("sdt", outputs, y)
-        if info is not None and info.jacobian is not None:
-            loss = loss + solver.jac_reg * solver.jac_reg_every * info.jacobian
+        if info is not None and info.penalty is not None:
+            loss = loss + solver.jac_reg * solver.jac_reg_every * info.penalty
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

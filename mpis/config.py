@@ -105,6 +105,13 @@ class SolverConfig:
         "weight of the Jacobian penalty ‖J_f(r*)‖²_F/dim (Hutchinson, one vector): a contractive loop is what "
         "makes the exported rate graph, the spiking network and the trained model one model (0: off)",
     )
+    jac_radius: float = _opt(
+        0.5,
+        "largest gain allowed along the loop's dominant direction (a power method on J_f(r*), 8 rate steps per "
+        "penalised batch); the excess squared is added to the Jacobian penalty. ‖J‖²_F/dim averages over every "
+        "direction, so one mode with |λ| > 1 — a period-2 oscillation the ONNX graph's plain iteration never "
+        "leaves (N-MNIST, seed 0) — hardly moves it, and a mode near 1 slows the spiking network (0: off)",
+    )
     jac_reg_every: int = _opt(
         1,
         "estimate the Jacobian penalty on every k-th training batch only, weighted k times (the same penalty on "
@@ -128,6 +135,8 @@ class SolverConfig:
             raise MpisError(f"--spike-tol must be >= 0, got {self.spike_tol}")
         if not self.jac_reg >= 0.0:
             raise MpisError(f"--jac-reg must be >= 0, got {self.jac_reg}")
+        if not self.jac_radius >= 0.0:
+            raise MpisError(f"--jac-radius must be >= 0 (0: off), got {self.jac_radius}")
         if not self.jac_reg_warmup >= 0.0:
             raise MpisError(f"--jac-reg-warmup must be >= 0 epochs, got {self.jac_reg_warmup}")
 

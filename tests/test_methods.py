@@ -97,6 +97,16 @@ def test_jac_reg_every_k_estimates_the_penalty_on_every_kth_training_batch():
     assert [model(x)[1].jacobian is not None for _ in range(5)] == [True, False, True, False, True]
 
 
+def _exact_loop_jacobian(model, x) -> torch.Tensor:
+    """J_f at the eval-mode fixed point of one input, exactly (small nets only)."""
+    model.eval()
+    with torch.no_grad():
+        masks = {}
+        z = model.layout.pack(model.solve(x[:1], masks)[0])
+        func = model._map(model.net.explicit_rates(x[:1], masks), masks, "running")
+    return torch.autograd.functional.jacobian(func, z)[0, :, 0, :]
+
+
 def test_descending_the_jacobian_penalty_makes_the_loop_contract():
     """Gradient steps on the penalty alone shrink the loop map's exact Jacobian at the fixed point."""
     torch.manual_seed(0)
@@ -105,13 +115,7 @@ def test_descending_the_jacobian_penalty_makes_the_loop_contract():
     x = torch.rand(8, *SHAPE)
 
     def exact_frobenius() -> float:
-        model.eval()
-        with torch.no_grad():
-            masks = {}
-            z = model.layout.pack(model.solve(x[:1], masks)[0])
-            func = model._map(model.net.explicit_rates(x[:1], masks), masks, "running")
-        jac = torch.autograd.functional.jacobian(func, z)
-        return float(jac.pow(2).sum())
+        return float(_exact_loop_jacobian(model, x).pow(2).sum())
 
     before = exact_frobenius()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
@@ -122,6 +126,50 @@ def test_descending_the_jacobian_penalty_makes_the_loop_contract():
         penalty.backward()
         optimizer.step()
     assert before > 0 and exact_frobenius() < 0.6 * before
+
+
+def test_the_radius_penalty_adds_only_the_dominant_gain_above_jac_radius():
+    x = torch.rand(4, *SHAPE)
+    off = build_model(ModelConfig(arch=ARCH), SolverConfig(T=6, jac_radius=0.0), TrainConfig(), SHAPE).train()
+    info = off(x)[1]
+    assert info.gain is None and info.penalty is info.jacobian
+    on = build_model(ModelConfig(arch=ARCH), SolverConfig(T=6, jac_radius=0.1), TrainConfig(), SHAPE).train()
+    info = on(x)[1]
+    assert info.gain.shape == (4,) and info.gain.requires_grad
+    excess = (info.gain - 0.1).clamp(min=0).square().mean()
+    assert info.penalty.item() == pytest.approx((info.jacobian + excess).item())
+
+
+def test_the_radius_penalty_leaves_the_training_random_stream_unchanged():
+    """The power method's random start comes from a forked RNG: dropout masks and Hutchinson's vectors after
+    it are the same with or without the radius term."""
+    x = torch.rand(4, *SHAPE)
+    draws = []
+    for radius in (0.0, 0.8):
+        model = build_model(ModelConfig(arch=ARCH), SolverConfig(T=6, jac_radius=radius), TrainConfig(), SHAPE)
+        torch.manual_seed(3)
+        model.train()(x)
+        draws.append(torch.rand(5))
+    assert torch.equal(draws[0], draws[1])
+
+
+def test_descending_the_radius_penalty_removes_a_loop_mode_with_gain_above_one():
+    """A net whose loop has an eigenvalue beyond the unit circle (the plain iteration the ONNX graph unrolls
+    never settles) is brought inside it by the radius term alone."""
+    torch.manual_seed(0)
+    solver = SolverConfig(T=6, forward="rate", jac_radius=0.5)
+    model = build_model(ModelConfig(arch=ARCH, dropout=0.0, vth=0.1), solver, TrainConfig(), SHAPE)
+    x = torch.rand(8, *SHAPE)
+    radius = lambda: float(torch.linalg.eigvals(_exact_loop_jacobian(model, x)).abs().max())  # noqa: E731
+    before = radius()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(40):
+        model.train()
+        info = model(x)[1]
+        optimizer.zero_grad()
+        (info.penalty - info.jacobian).backward()
+        optimizer.step()
+    assert before > 1.0 and radius() < 1.0
 
 
 def test_the_snntorch_peer_of_the_speed_bench_computes_the_same_network_as_mpis_bptt():

@@ -349,8 +349,8 @@ def _train(
         trained.train()
         sampler.set_epoch(epoch)
         start = time.perf_counter()
-        totals = torch.zeros(7, dtype=torch.float64)  # loss, correct, seen, residual, Jacobian sums; Jacobian seen;
-        # forward steps (spike steps or solver iterations) summed over samples
+        totals = torch.zeros(9, dtype=torch.float64)  # loss, correct, seen, residual, Jacobian sums; Jacobian seen;
+        # forward steps (spike steps or solver iterations), dominant-direction gains summed over samples; gains seen
         bar.set_description(f"epoch {epoch}/{train_cfg.epochs}")
         for x, y in train_loader:
             x, y = on_device(x, device), y.to(device)
@@ -361,9 +361,9 @@ def _train(
             jacobian = None if info is None else info.jacobian
             if jacobian is not None:
                 if warm_up is None:
-                    warm_up = needs_warm_up(solver_cfg, loss, jacobian, ddp)
+                    warm_up = needs_warm_up(solver_cfg, loss, info.penalty, ddp)
                 weight = jac_reg_weight(solver_cfg, steps_done / len(train_loader), warm_up) * solver_cfg.jac_reg_every
-                loss = loss + weight * jacobian
+                loss = loss + weight * info.penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -376,7 +376,8 @@ def _train(
                 res = 0.0 if info is None else float(info.residual.sum())
                 jac, jac_seen = (0.0, 0) if jacobian is None else (float(jacobian) * len(y), len(y))
                 steps = 0 if info is None else info.steps * len(y)
-                sums = [loss.item() * len(y), float(correct), len(y), res, jac, jac_seen, steps]
+                gain, gain_seen = (0.0, 0) if info is None or info.gain is None else (float(info.gain.sum()), len(y))
+                sums = [loss.item() * len(y), float(correct), len(y), res, jac, jac_seen, steps, gain, gain_seen]
                 totals += torch.tensor(sums, dtype=torch.float64)
             bar.update()
             bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}", refresh=False)
@@ -399,6 +400,7 @@ def _train(
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             "residual": float(totals[3] / totals[2]) if train_cfg.method == "mpis" else None,
             "jacobian": float(totals[4] / totals[5]) if totals[5] > 0 else None,
+            "loop_gain": float(totals[7] / totals[8]) if totals[8] > 0 else None,
             "forward_steps": float(totals[6] / totals[2]) if train_cfg.method == "mpis" else None,
             "jac_reg_weight": jac_reg_weight(solver_cfg, steps_done / len(train_loader), warm_up),
             "lr": schedule.get_last_lr()[0],
