@@ -4,14 +4,17 @@ snnTorch (bench/peer_snntorch.py, checked equal to ours in float64) — measured
 Each configuration runs in a fresh process (`--threads` intra-op threads); the rounds alternate between
 configurations so that a machine that slows down slows them all. A step = forward + backward + optimizer
 step on one batch of the Fashion-MNIST net, with the default flags of `mpis train` (the Jacobian penalty
-included) unless a lever changes them. Levers that depend on how settled the loop is (`--spike-tol`) need
-a trained model: `--checkpoint` loads one (same architecture), `--data-dir` feeds real Fashion-MNIST
-images; without them the weights are random and the inputs uniform noise. Prints s/step, the spike or
+and its radius term included) unless a lever changes them. Levers that depend on how settled the loop is
+(`--spike-tol`) need a trained model: `--checkpoint` loads one (its net and input shape: any dataset),
+`--data-dir` feeds that dataset's real test inputs; without them the weights are random and the inputs
+uniform noise. Prints s/step, the spike or
 solver steps the forward took, the estimated Fashion-MNIST epoch (60,000 images) and MPIS ÷ the faster
 peer BPTT per T.
 
     python bench/train_speed.py --checkpoint runs/fashion/model.pt --data-dir DATA/fashion-mnist
     python bench/train_speed.py --T 30 --rounds 1 --steps 2          # quick, random weights
+    python bench/train_speed.py --checkpoint runs/nmnist2/model.pt --data-dir DATA/n-mnist --T 30 --batch 64 \
+        --configs mpis "mpis jac-radius 0"                              # what the radius term costs
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ LEVERS = {  # name -> SolverConfig overrides (MPIS) or the baseline it is
     "mpis spike-tol 0.15": {"spike_tol": 0.15},
     "mpis spike-tol 0.15 bf16": {"spike_tol": 0.15, "solve_dtype": "bfloat16"},
     "mpis spike-tol 0.15 phantom 3": {"spike_tol": 0.15, "phantom_steps": 3},
+    "mpis jac-radius 0": {"jac_radius": 0.0},
     "mpis jac-every 4": {"jac_reg_every": 4},
     "mpis all four": {"spike_tol": 0.15, "solve_dtype": "bfloat16", "phantom_steps": 3, "jac_reg_every": 4},
     "bptt (mpis)": "bptt",
@@ -50,11 +54,15 @@ def measure(args: argparse.Namespace) -> dict:
     lever = LEVERS[args.config]
     solver = SolverConfig(T=args.T[0], **(lever if isinstance(lever, dict) else {}))
     train = TrainConfig(method="bptt" if isinstance(lever, str) else "mpis")
-    model = build_model(ModelConfig(arch=args.arch), solver, train, (1, 28, 28))
-    if args.checkpoint:
+    model_cfg, shape, dataset = ModelConfig(arch=args.arch), (1, 28, 28), "fashion-mnist"
+    if args.checkpoint:  # its net, input shape and dataset (any dataset: --arch is ignored)
         from mpis.train.checkpoint import load_checkpoint
 
-        model.net.load_state_dict(load_checkpoint(args.checkpoint).net.state_dict())
+        ckpt = load_checkpoint(args.checkpoint)
+        model_cfg, shape, dataset = ckpt.model_cfg, ckpt.input_shape, ckpt.train_cfg.dataset
+    model = build_model(model_cfg, solver, train, shape)
+    if args.checkpoint:
+        model.net.load_state_dict(ckpt.net.state_dict())
     if lever == "snntorch":
         sys.path.insert(0, str(Path(__file__).parent))
         from peer_snntorch import SnnTorchMPIS
@@ -62,7 +70,7 @@ def measure(args: argparse.Namespace) -> dict:
         model = SnnTorchMPIS(model.net, args.T[0])
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, y = batch(args)
+    x, y = batch(args, shape, dataset)
 
     def step() -> float:
         outputs, info = step_outputs(model, x)
@@ -81,16 +89,16 @@ def measure(args: argparse.Namespace) -> dict:
     return {"seconds_per_step": seconds, "forward_steps": sum(forward_steps) / len(forward_steps)}
 
 
-def batch(args: argparse.Namespace):
+def batch(args: argparse.Namespace, shape: tuple[int, ...], dataset: str):
     import torch
 
     if args.data_dir:
         from mpis.train.data import load_dataset
 
-        test = load_dataset("fashion-mnist", args.data_dir).test
+        test = load_dataset(dataset, args.data_dir).test
         items = [test[i] for i in range(args.batch)]
         return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
-    return torch.rand(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
+    return torch.rand(args.batch, *shape), torch.randint(0, 10, (args.batch,))
 
 
 def run_config(args: argparse.Namespace, config: str, steps: int) -> dict:
@@ -112,8 +120,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the fastest round counts")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--checkpoint", help="a trained model of the same architecture (for --spike-tol)")
-    parser.add_argument("--data-dir", help="Fashion-MNIST's folder: real test images instead of noise")
+    parser.add_argument("--checkpoint", help="a trained model (for --spike-tol): its net, shape and dataset")
+    parser.add_argument("--data-dir", help="the dataset's folder: real test inputs instead of noise")
     parser.add_argument("--configs", nargs="+", choices=list(LEVERS), default=list(LEVERS))
     parser.add_argument("--worker", choices=list(LEVERS), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -171,3 +171,14 @@ def test_a_checkpoint_written_before_events_existed_plays_frames_as_it_was_train
     old = tmp_path / "old.pt"
     torch.save(payload, old)
     assert load_checkpoint(old).train_cfg.events == "frames"
+
+
+def test_a_checkpoint_written_before_jac_radius_existed_resumes_without_the_radius_term(checkpoint, tmp_path):
+    from mpis.train.checkpoint import load_checkpoint
+
+    payload = torch.load(checkpoint, weights_only=True)
+    assert payload["solver"]["jac_radius"] == 0.5  # today's default
+    del payload["solver"]["jac_radius"]
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    assert load_checkpoint(old).solver_cfg.jac_radius == 0.0

@@ -132,7 +132,8 @@ class Checkpoint:
         # Checkpoints from before --bn-eps were all trained with torch's ε.
         model = {"bn_eps": LEGACY_BN_EPS, **payload["model"]}
         self.model_cfg: ModelConfig = config_from_dict(ModelConfig, model)
-        self.solver_cfg: SolverConfig = config_from_dict(SolverConfig, payload["solver"])
+        solver = {"jac_radius": 0.0, **payload["solver"]}  # checkpoints from before --jac-radius trained without it
+        self.solver_cfg: SolverConfig = config_from_dict(SolverConfig, solver)
         train = {"events": "frames", **payload["train"]}  # checkpoints from before --events played frames
         self.train_cfg: TrainConfig = config_from_dict(TrainConfig, train)
         self.input_shape = tuple(int(v) for v in payload["input_shape"])
