@@ -92,7 +92,8 @@ def main() -> None:
         for name in args.options:
             run = root / name.replace(" ", "").replace(",", "_")
             command = [sys.executable, "-m", "mpis", "train", "--dataset", args.dataset, "--out", str(run)]
-            command += ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--overwrite", "--quiet"]
+            command += ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--threads", "1"]
+            command += ["--overwrite", "--quiet"]
             command += ["--train-limit", str(args.train_limit), "--test-limit", str(args.test_limit)]
             command += ["--data-dir", args.data_dir] if args.data_dir else []
             subprocess.run(command + OPTIONS[name], check=True, env=env)
