@@ -27,6 +27,7 @@ from tqdm import tqdm
 from mpis.config import ModelConfig, SolverConfig, TrainConfig, check_choices
 from mpis.errors import MpisError
 from mpis.model.deployed import DeployedScores, score_deployed
+from mpis.model.equilibrium import EquilibriumModel
 from mpis.train.checkpoint import (
     SPACE_MARGIN,
     atomic_write,
@@ -319,6 +320,8 @@ def _train(
         set_rng_state(run["rng"])
         done, lines = run["epoch"], list(run["history"])
         warm_up = run.get("jac_reg_warm_up", True)
+        if isinstance(model, EquilibriumModel):  # the penalty's cadence and power-method starts carry on
+            model.penalised_forwards = done * len(train_loader)
         metrics = json.loads(lines[-1]) if lines else {}
         if ddp.main:  # metrics.jsonl may lag model.pt by one epoch (a kill between the two writes)
             atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
