@@ -78,7 +78,8 @@ def _run_demo(
     train_cfg = TrainConfig(dataset="digits", epochs=epochs, device="cpu", seed=seed)
     say = print if progress else (lambda *_: None)
     say(
-        f"[1/4] training {model_cfg.arch} on digits, T = {steps}, --jac-reg {solver_cfg.jac_reg:g}, {epochs} epochs, "
+        f"[1/4] training {model_cfg.arch} on digits, T = {steps}, --jac-reg {solver_cfg.jac_reg:g} "
+        f"--jac-radius {solver_cfg.jac_radius:g}, {epochs} epochs, "
         f"seed {seed} -> {out} (the whole demo: about {DEMO_MINUTES} minutes on 2 idle cores)"
     )
     metrics = train(model_cfg, solver_cfg, train_cfg, out, overwrite, progress)
