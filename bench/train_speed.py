@@ -139,8 +139,9 @@ def main() -> None:
                 if key not in best or row["seconds_per_step"] < best[key]["seconds_per_step"]:
                     best[key] = row
     per_epoch = -(-EPOCH_IMAGES // args.batch)
-    inputs = "Fashion-MNIST" if args.data_dir else "noise"
-    print(f"{args.arch}, batch {args.batch}, {args.threads} threads, best of {args.rounds} rounds × {args.steps} "
+    net = f"the net of {args.checkpoint}" if args.checkpoint else args.arch
+    inputs = ("the checkpoint's test set" if args.checkpoint else "Fashion-MNIST") if args.data_dir else "noise"
+    print(f"{net}, batch {args.batch}, {args.threads} threads, best of {args.rounds} rounds × {args.steps} "
           f"steps; weights: {args.checkpoint or 'random'}; inputs: {inputs}")  # fmt: skip
     print(f"{'configuration':<32} {'T':>4} {'s/step':>8} {'fwd steps':>9} {'epoch min':>9} {'÷ peer':>7}")
     for steps in args.T:
