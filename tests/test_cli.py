@@ -37,9 +37,10 @@ def test_train_writes_metrics_and_a_checkpoint_that_rebuilds_the_model(tmp_path)
 def test_train_penalises_the_loop_jacobian_by_default_and_not_with_jac_reg_0(tmp_path):
     assert train_tiny(tmp_path / "plain", "--jac-reg", "0") == 0 and train_tiny(tmp_path / "reg") == 0
     plain, reg = (json.loads((tmp_path / r / "metrics.jsonl").read_text()) for r in ("plain", "reg"))
-    assert plain["jacobian"] is None
-    assert reg["jacobian"] > 0
-    assert load_checkpoint(tmp_path / "reg" / "model.pt").solver_cfg.jac_reg == 1.0
+    assert plain["jacobian"] is None and plain["loop_gain"] is None
+    assert reg["jacobian"] > 0 and reg["loop_gain"] > 0  # the radius term is on by default, with the penalty
+    solver = load_checkpoint(tmp_path / "reg" / "model.pt").solver_cfg
+    assert solver.jac_reg == 1.0 and solver.jac_radius == 0.5
 
 
 def test_jac_reg_warmup_ramps_the_penalty_weight_in_linearly(tmp_path):
