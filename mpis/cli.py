@@ -371,7 +371,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     from mpis.export.nir_nodes import read_nir
     from mpis.spike.simulate import RUNS_AS, compile_graph, evaluate
-    from mpis.train.data import load_dataset
+    from mpis.train.data import load_dataset, playback_frames
 
     for flag, value in (("--T", args.T), ("--batch", args.batch), ("--limit", args.limit)):
         if value is not None and value < 1:
@@ -384,7 +384,8 @@ def _simulate(args: argparse.Namespace) -> int:
         raise MpisError(f"{args.nir} records no time steps T; pass --T")
     program = compile_graph(graph, args.device, args.reset, layout=args.layout)
     dataset = args.dataset or str(graph.metadata.get("dataset") or "digits")
-    split = load_dataset(dataset, args.data_dir, frames=steps, events=args.events)
+    frames = playback_frames(args.events, steps, int(graph.metadata.get("T") or steps))
+    split = load_dataset(dataset, args.data_dir, frames=frames, events=args.events)
     if tuple(split.input_shape) != program.input_shape:
         shape, expected = ("x".join(map(str, s)) for s in (split.input_shape, program.input_shape))
         raise MpisError(f"{dataset} inputs are {shape}, but the graph's Input takes {expected}")

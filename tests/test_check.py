@@ -298,3 +298,30 @@ def test_demo_trains_exports_checks_and_lists_every_artifact(tmp_path, capsys):
     assert json.loads((out / "check" / "report.json").read_text())["T"] == [2, 5]
     assert main([*args, "--quiet"]) == 2  # an existing --out is refused
     assert "already exists" in one_error_line(capsys)
+
+
+def test_a_mean_frame_check_drives_every_t_with_the_events_per_step_the_model_was_trained_on(tmp_path):
+    """Binned at the simulated T, a mean frame at T = 12 would be a third of the T = 4 current the net was
+    trained on: a different model. Every T gets the training T's mean frame."""
+    from types import SimpleNamespace
+
+    from test_data import encode_events
+
+    from mpis.check.run import check_data
+    from mpis.cli import main
+    from mpis.train.checkpoint import load_checkpoint
+
+    data_dir = tmp_path / "nmnist"
+    for split in ("Train", "Test"):
+        for digit in (3, 7):
+            folder = data_dir / split / str(digit)
+            folder.mkdir(parents=True)
+            (folder / "00001.bin").write_bytes(encode_events([(1, 2, 0, 0), (33, 0, 1, 49), (5, 5, 1, 99)]))
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "nmnist", "--data-dir", str(data_dir), "--arch", "4C3-2F1*(6C3S2-8C3)-FC10"]
+    assert main([*args, "--T", "4", "--epochs", "1", "--batch-size", "2", "--quiet", "--out", str(out)]) == 0
+    ckpt = load_checkpoint(out / "model.pt")
+    data = check_data(SimpleNamespace(dataset=None, data_dir=None, limit=None), ckpt, out / "model.pt", (4, 12))
+    at_4, at_12 = (data.splits[t].test[0][0] for t in (4, 12))
+    assert at_4.shape == (2, 34, 34) and at_4.sum() == 3 / 4
+    assert torch.equal(at_4, at_12)

@@ -52,7 +52,7 @@ from mpis.spike.simulate import compile_graph, layer_counts
 from mpis.spike.toolchains import Toolchain, missing, parse_toolchains, run_toolchain
 from mpis.threads import torch_threads
 from mpis.train.checkpoint import Checkpoint, load_checkpoint
-from mpis.train.data import load_dataset
+from mpis.train.data import load_dataset, playback_frames
 from mpis.train.loop import resolve_device
 
 
@@ -126,7 +126,8 @@ def check_data(opts: CheckOptions, ckpt: Checkpoint, checkpoint: Path, steps: tu
     data_dir = opts.data_dir if opts.dataset else (opts.data_dir or ckpt.train_cfg.data_dir)
     events = ckpt.train_cfg.events
     per_t = steps if dataset == "nmnist" else steps[:1]
-    splits = {t: load_dataset(dataset, data_dir, frames=t, events=events) for t in per_t}
+    frames = {t: playback_frames(events, t, ckpt.solver_cfg.T) for t in per_t}
+    splits = {t: load_dataset(dataset, data_dir, frames=frames[t], events=events) for t in per_t}
     first = splits[steps[0]]
     if tuple(first.input_shape) != tuple(ckpt.input_shape):
         shape, expected = ("x".join(map(str, s)) for s in (first.input_shape, ckpt.input_shape))
