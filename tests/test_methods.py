@@ -141,8 +141,8 @@ def test_the_radius_penalty_adds_only_the_dominant_gain_above_jac_radius():
 
 
 def test_the_radius_penalty_leaves_the_training_random_stream_unchanged():
-    """The power method's random start comes from a forked RNG: dropout masks and Hutchinson's vectors after
-    it are the same with or without the radius term."""
+    """The power method's random start comes from its own generator: dropout masks and Hutchinson's vectors
+    after it are the same with or without the radius term."""
     x = torch.rand(4, *SHAPE)
     draws = []
     for radius in (0.0, 0.8):

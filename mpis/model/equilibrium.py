@@ -160,13 +160,14 @@ class EquilibriumModel(nn.Module):
             self.penalised_forwards += 1
             if (self.penalised_forwards - 1) % self.solver.jac_reg_every == 0:
                 z = z_star.clone().requires_grad_()
-                jacobian = penalty = jac_reg(func(z), z)
+                at_star = func(z)
+                jacobian = penalty = jac_reg(at_star, z)
                 if self.solver.jac_radius > 0:
-                    gain = self._dominant_gain(func, z_star)
+                    gain = self._dominant_gain(func, z_star, at_star)
                     penalty = penalty + (gain - self.solver.jac_radius).clamp(min=0).square().mean()
         return self.net.classify(self.layout.unpack(z_out)), SolveInfo(residual, steps, jacobian, gain, penalty)
 
-    def _dominant_gain(self, func, z_star: Tensor) -> Tensor:
+    def _dominant_gain(self, func, z_star: Tensor, at_star: Tensor) -> Tensor:
         """‖J_f(r*) w‖ per sample for w the dominant (largest |λ|) eigenvector of J_f, differentiable in the
         weights. ‖J‖²_F/dim averages over every direction (23,680 on the N-MNIST net), so one mode with |λ| > 1
         — an oscillation the ONNX graph's plain iteration never leaves — hardly moves it; this gain is that
@@ -174,11 +175,12 @@ class EquilibriumModel(nn.Module):
         The power method runs on forward differences (f(r* + εw) − f(r*))/ε, exact for DBReLU's piecewise-
         linear map wherever no neuron crosses a kink: one rate step each, no backward pass (TorchDEQ's
         power_method takes a vector-Jacobian product per step, 1.9x the time here). Its random start comes from
-        its own generator, so the training's random stream (dropout, Hutchinson) is the same without it."""
+        its own generator, so the training's random stream (dropout, Hutchinson) is the same without it.
+        `at_star`: f(r*) as the Hutchinson estimate computed it, reused rather than run twice more."""
         start = torch.Generator(device=z_star.device).manual_seed(self.penalised_forwards)
         direction = torch.randn(z_star.shape, generator=start, device=z_star.device, dtype=z_star.dtype)
+        base = at_star.detach()
         with torch.no_grad():
-            base = func(z_star)
             for _ in range(POWER_ITERS):
                 direction = _unit_rows(func(z_star + FD_STEP * _unit_rows(direction)) - base)
-        return (func(z_star + FD_STEP * direction) - func(z_star)).norm(dim=1) / FD_STEP
+        return (func(z_star + FD_STEP * direction) - at_star).norm(dim=1) / FD_STEP
